@@ -1,0 +1,161 @@
+"""The `clt` command: every stage of the pipeline as a subcommand.
+
+Flags of config-driven commands are derived from their config classes (`clt_core.config.add_config_arguments`).
+Errors a user can fix (`CLTError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from clt_core.config import add_config_arguments, config_from_args
+from clt_core.errors import CLTError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _info(args: argparse.Namespace) -> int:
+    from clt_core.data.store import ActivationStore
+
+    store = ActivationStore.open(args.url)
+    ns = store.read_norm_stats()
+    summary = {
+        "url": store.url,
+        "rows": store.num_rows,
+        "chunks": store.num_chunks,
+        "rows_per_chunk": store.rows_per_chunk,
+        "bytes_per_row": store.row_bytes,
+        "norm_stats_rows": ns.count if ns else None,
+        **store.info.model_dump(mode="json"),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from clt_core.data.verify import verify_store
+
+    report = verify_store(args.url, scan=args.scan, progress=not args.quiet)
+    print(report.summary())
+    return 0 if report.ok else 1
+
+
+def _norm_stats(args: argparse.Namespace) -> int:
+    from clt_core.data.norm_stats import compute_norm_stats
+    from clt_core.data.store import ActivationStore
+
+    store = ActivationStore.open(args.url, mode="a")
+    stats = compute_norm_stats(store, workers=args.workers, progress=not args.quiet)
+    print(f"norm stats over {stats.count} rows written to {store.url}")
+    return 0
+
+
+def _scramble(args: argparse.Namespace) -> int:
+    from clt_core.data.scramble import ScrambleConfig, scramble_store
+
+    config = config_from_args(ScrambleConfig, args, args.config)
+    summary = scramble_store(args.src, args.dst, config, overwrite=args.overwrite, progress=not args.quiet)
+    print(summary)
+    return 0
+
+
+def _import_hdf5(args: argparse.Namespace) -> int:
+    from clt_core.data.hdf5 import import_hdf5
+
+    store = import_hdf5(
+        args.src, args.dst, overwrite=args.overwrite, rows_per_chunk=args.rows_per_chunk, progress=not args.quiet
+    )
+    print(f"imported {store.num_rows} rows into {store.url}")
+    return 0
+
+
+def _export_hdf5(args: argparse.Namespace) -> int:
+    from clt_core.data.hdf5 import export_hdf5
+
+    out = export_hdf5(args.src, args.dst, overwrite=args.overwrite, progress=not args.quiet)
+    print(f"exported to {out}")
+    return 0
+
+
+def _make_synthetic(args: argparse.Namespace) -> int:
+    from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
+
+    config = config_from_args(SyntheticConfig, args, args.config)
+    store = make_synthetic_store(args.url, config, overwrite=args.overwrite)
+    print(f"wrote {store!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from clt_core.data.scramble import ScrambleConfig
+    from clt_core.data.synthetic import SyntheticConfig
+
+    parser = argparse.ArgumentParser(prog="clt", description="Cross-Layer Transcoder pipeline.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(handler=handler)
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = command("info", _info, "Print a store's metadata and geometry as JSON.")
+    p.add_argument("url", help="store URL: PATH, file://PATH or s3://BUCKET/PREFIX")
+
+    p = command("verify", _verify, "Check a store's metadata, shapes, chunks and values; exit 1 on problems.")
+    p.add_argument("url")
+    p.add_argument(
+        "--scan",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read every chunk to find corrupt chunks and NaN/Inf rows (default: on)",
+    )
+
+    p = command("norm-stats", _norm_stats, "Compute per-layer mean/std of inputs and targets into the store.")
+    p.add_argument("url")
+    p.add_argument("--workers", type=int, default=2, help="parallel readers (default: 2)")
+
+    p = command("scramble", _scramble, "Globally shuffle a store's rows into a new store, out of core.")
+    p.add_argument("src", help="source store URL")
+    p.add_argument("dst", help="destination store URL (must not exist unless --overwrite)")
+    p.add_argument("--config", help="YAML file with scramble settings; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination store")
+    add_config_arguments(p, ScrambleConfig)
+
+    p = command("import-hdf5", _import_hdf5, "Import a seed-library HDF5 activation directory into a store.")
+    p.add_argument("src", help="directory with index.bin, metadata.json and chunk_*.h5/hdf5")
+    p.add_argument("dst", help="destination store URL")
+    p.add_argument("--rows-per-chunk", type=int, default=None, help="rows per store chunk (default: about 4 MiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination store")
+
+    p = command("export-hdf5", _export_hdf5, "Export a store to the seed library's HDF5 layout.")
+    p.add_argument("src", help="store URL")
+    p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination directory")
+
+    p = command("make-synthetic", _make_synthetic, "Write a synthetic store with a planted cross-layer dictionary.")
+    p.add_argument("url")
+    p.add_argument("--config", help="YAML file with synthetic-data settings; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    add_config_arguments(p, SyntheticConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except CLTError as err:
+        print(f"clt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""Per-layer, per-dimension mean and standard deviation of inputs and targets, in float64.
+
+`RunningMoments` keeps (count, mean, M2) and merges with Chan et al.'s parallel update, so partial results from
+several workers (or several batches) combine to what one pass over all rows would give, up to float64 rounding.
+Standard deviations are population std (ddof=0), floored at `eps` when used for normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from clt_core.data.store import ActivationStore
+
+
+@dataclass
+class RunningMoments:
+    """Streaming first and second moments over rows of shape `[..., L, d]`."""
+
+    count: int
+    mean: np.ndarray  # [L, d] float64
+    m2: np.ndarray  # [L, d] float64, sum of squared deviations
+
+    @classmethod
+    def empty(cls, num_layers: int, d_model: int) -> RunningMoments:
+        shape = (num_layers, d_model)
+        return cls(0, np.zeros(shape, np.float64), np.zeros(shape, np.float64))
+
+    @classmethod
+    def of(cls, rows: torch.Tensor | np.ndarray) -> RunningMoments:
+        """Moments of a block of rows `[n, L, d]` (any float dtype), computed in float64."""
+        x = torch.as_tensor(rows).to(torch.float64)
+        n = x.shape[0]
+        if n == 0:
+            return cls.empty(x.shape[1], x.shape[2])
+        mean = x.mean(dim=0)
+        m2 = ((x - mean) ** 2).sum(dim=0)
+        return cls(n, mean.numpy(), m2.numpy())
+
+    def merge(self, other: RunningMoments) -> RunningMoments:
+        """Chan's update: exact combination of two disjoint partial results."""
+        if other.count == 0:
+            return RunningMoments(self.count, self.mean.copy(), self.m2.copy())
+        if self.count == 0:
+            return RunningMoments(other.count, other.mean.copy(), other.m2.copy())
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / n)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        return RunningMoments(n, mean, m2)
+
+    def update(self, rows: torch.Tensor | np.ndarray) -> None:
+        merged = self.merge(RunningMoments.of(rows))
+        self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
+
+    @property
+    def std(self) -> np.ndarray:
+        if self.count == 0:
+            return np.zeros_like(self.mean)
+        return np.sqrt(self.m2 / self.count)
+
+
+@dataclass
+class NormStats:
+    """Normalisation statistics of a store: `[L, d]` float64 arrays, and the number of rows they cover."""
+
+    count: int
+    inputs_mean: np.ndarray
+    inputs_std: np.ndarray
+    targets_mean: np.ndarray
+    targets_std: np.ndarray
+
+    ARRAYS = ("inputs_mean", "inputs_std", "targets_mean", "targets_std")
+
+    @classmethod
+    def from_moments(cls, inputs: RunningMoments, targets: RunningMoments) -> NormStats:
+        return cls(inputs.count, inputs.mean, inputs.std, targets.mean, targets.std)
+
+
+class NormStatsAccumulator:
+    """Accumulates moments of inputs and targets over blocks of rows; mergeable across workers."""
+
+    def __init__(self, num_layers: int, d_model: int) -> None:
+        self.inputs = RunningMoments.empty(num_layers, d_model)
+        self.targets = RunningMoments.empty(num_layers, d_model)
+
+    def update(self, inputs: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> None:
+        self.inputs.update(inputs)
+        self.targets.update(targets)
+
+    def merge(self, other: NormStatsAccumulator) -> NormStatsAccumulator:
+        out = NormStatsAccumulator.__new__(NormStatsAccumulator)
+        out.inputs = self.inputs.merge(other.inputs)
+        out.targets = self.targets.merge(other.targets)
+        return out
+
+    def result(self) -> NormStats:
+        return NormStats.from_moments(self.inputs, self.targets)
+
+
+def compute_norm_stats(store: ActivationStore, workers: int = 2, progress: bool = True) -> NormStats:
+    """One streaming pass over the committed rows; `workers` threads each take a contiguous range of chunks and
+    their partial moments are merged exactly. The result is written into the store (opened with mode='a')."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    n_chunks = store.num_chunks
+    if n_chunks == 0:
+        from clt_core.errors import StoreError
+
+        raise StoreError(f"{store.url}: the store has no committed rows; nothing to compute norm stats from")
+    workers = max(1, min(workers, n_chunks))
+    bounds = [round(i * n_chunks / workers) for i in range(workers + 1)]
+    bar = tqdm(total=store.num_rows, unit="row", unit_scale=True, desc="norm stats", disable=not progress)
+
+    def run(lo: int, hi: int) -> NormStatsAccumulator:
+        acc = NormStatsAccumulator(store.num_layers, store.d_model)
+        for rows in store.iter_chunks(lo, hi):
+            acc.update(rows.inputs, rows.targets)
+            bar.update(len(rows.token_ids))
+        return acc
+
+    with ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(run, bounds[:-1], bounds[1:]))
+    bar.close()
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    stats = total.result()
+    store.write_norm_stats(stats)
+    return stats

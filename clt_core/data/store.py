@@ -1,0 +1,480 @@
+"""The activation store: a Zarr v3 group holding MLP inputs and targets per token row (format_version 1).
+
+Layout (see DESIGN.md): arrays `inputs` and `targets` `[N, L, d]` chunked `(rows_per_chunk, L, d)`, `token_ids [N]`,
+the group attribute `clt_dataset` (a `StoreInfo`), and an optional `norm_stats` subgroup of float64 `[L, d]` arrays.
+bfloat16 is stored as its uint16 bit pattern with the array attribute `logical_dtype: "bfloat16"`.
+
+Commit protocol: rows become visible only when `rows_committed` in `clt_dataset` is advanced, which happens after
+the chunk objects holding them were written (local writes are atomic renames, S3 PUTs are atomic). A writer that
+dies leaves at most unreferenced chunk data past `rows_committed`; the next writer overwrites it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, NamedTuple
+
+import numpy as np
+import torch
+import zarr
+from pydantic import BaseModel, ConfigDict, ValidationError
+from zarr.codecs import ZstdCodec
+
+from clt_core.data.norm_stats import NormStats
+from clt_core.data.storage import StoreLocation, parse_url, storage_errors, zarr_store
+from clt_core.errors import StoreError
+
+FORMAT_VERSION = 1
+INFO_KEY = "clt_dataset"
+ARRAYS = ("inputs", "targets")
+DType = Literal["bfloat16", "float16", "float32"]
+
+# logical dtype -> (numpy storage dtype, torch dtype)
+DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
+    "bfloat16": (np.dtype(np.uint16), torch.bfloat16),
+    "float16": (np.dtype(np.float16), torch.float16),
+    "float32": (np.dtype(np.float32), torch.float32),
+}
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+_io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="clt-store-io")
+
+
+class StoreInfo(BaseModel):
+    """The `clt_dataset` group attribute: what the store holds and where it came from."""
+
+    model_config = ConfigDict(extra="allow")
+
+    format_version: int = FORMAT_VERSION
+    num_layers: int
+    d_model: int
+    dtype: DType
+    model: dict[str, Any] = {}
+    """Source model: name, revision or weights file hash."""
+    context_size: int | None = None
+    hook_templates: dict[str, str] = {}
+    """MLP input and output module templates used for capture."""
+    text_dataset: str | None = None
+    seed: int | None = None
+    rows_committed: int = 0
+    scrambled: bool = False
+    parent: str | None = None
+    """URL of the store this one was derived from (scramble, import)."""
+    created_at: str = ""
+
+
+class ActivationRows(NamedTuple):
+    """A block of token rows, in the store's logical dtype."""
+
+    inputs: torch.Tensor
+    """MLP inputs `[n, L, d]`."""
+    targets: torch.Tensor
+    """MLP outputs `[n, L, d]`."""
+    token_ids: torch.Tensor
+    """Token id of each row `[n]` int32 (-1 where unknown)."""
+
+
+def to_storage(x: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
+    """Convert rows to the numpy array that is written (bf16 -> its uint16 bits; bit-exact)."""
+    storage_np, torch_dtype = DTYPES[dtype]
+    if isinstance(x, np.ndarray):
+        if x.dtype == storage_np:
+            return x
+        x = torch.from_numpy(x)
+    x = x.detach().to("cpu", torch_dtype).contiguous()
+    if dtype == "bfloat16":
+        x = x.view(torch.uint16)
+    return x.numpy()
+
+
+def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """Inverse of `to_storage`: a torch tensor in the logical dtype (zero-copy)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
+
+
+def default_rows_per_chunk(num_layers: int, d_model: int, dtype: str) -> int:
+    """A power of two such that one chunk of one array is about 4 MiB."""
+    row_bytes = num_layers * d_model * DTYPES[dtype][0].itemsize
+    rows = 2 ** round(math.log2(max(1, DEFAULT_CHUNK_BYTES / row_bytes)))
+    return int(min(max(rows, 16), 65536))
+
+
+class ActivationStore:
+    """An open activation store. Create with `ActivationStore.create`, open with `ActivationStore.open`."""
+
+    def __init__(self, loc: StoreLocation, group: zarr.Group, read_only: bool) -> None:
+        self.loc = loc
+        self.group = group
+        self.read_only = read_only
+        self.info = self._load_info()
+        self.inputs = self._array("inputs")
+        self.targets = self._array("targets")
+        self.token_ids = self._array("token_ids")
+        self._check_layout()
+
+    # ----------------------------------------------------------------- opening
+    @classmethod
+    def create(
+        cls,
+        url: str,
+        *,
+        num_layers: int,
+        d_model: int,
+        dtype: DType = "bfloat16",
+        rows_per_chunk: int | None = None,
+        compression: Literal["zstd", "none"] = "zstd",
+        overwrite: bool = False,
+        **info: Any,
+    ) -> ActivationStore:
+        """Create an empty store. Refuses an existing store unless `overwrite`."""
+        if dtype not in DTYPES:
+            raise StoreError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        if num_layers < 1 or d_model < 1:
+            raise StoreError(f"num_layers and d_model must be positive (got {num_layers}, {d_model})")
+        loc = parse_url(url)
+        rows = rows_per_chunk or default_rows_per_chunk(num_layers, d_model, dtype)
+        if rows < 1:
+            raise StoreError(f"rows_per_chunk must be positive (got {rows})")
+        with storage_errors(loc.url, "create the store"):
+            if store_exists(loc.url) and not overwrite:
+                raise StoreError(f"{loc.url} already exists; pass --overwrite to replace it")
+            group = zarr.open_group(zarr_store(loc, read_only=False), mode="w", zarr_format=3)
+            compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
+            storage_np = DTYPES[dtype][0]
+            for name in ARRAYS:
+                arr = group.create_array(
+                    name,
+                    shape=(0, num_layers, d_model),
+                    chunks=(rows, num_layers, d_model),
+                    dtype=storage_np,
+                    compressors=compressors,
+                    fill_value=0,
+                )
+                arr.attrs["logical_dtype"] = dtype
+            group.create_array(
+                "token_ids", shape=(0,), chunks=(rows,), dtype=np.int32, compressors=compressors, fill_value=-1
+            )
+            stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            try:
+                store_info = StoreInfo(num_layers=num_layers, d_model=d_model, dtype=dtype, created_at=stamp, **info)
+            except ValidationError as err:
+                raise StoreError(f"invalid store metadata: {err.errors()[0]['msg']}") from None
+            group.attrs[INFO_KEY] = store_info.model_dump(mode="json")
+        return cls(loc, group, read_only=False)
+
+    @classmethod
+    def open(cls, url: str, mode: Literal["r", "a"] = "r") -> ActivationStore:
+        """Open an existing store for reading (`r`) or appending/updating (`a`)."""
+        loc = parse_url(url)
+        with storage_errors(loc.url, "open the store"):
+            if not store_exists(loc.url):
+                raise StoreError(f"{loc.url}: no activation store here (no zarr.json); check the URL")
+            try:
+                group = zarr.open_group(zarr_store(loc, read_only=mode == "r"), mode="r" if mode == "r" else "r+")
+            except (ValueError, TypeError) as err:
+                raise StoreError(f"{loc.url}: not a readable Zarr v3 group ({err})") from None
+            return cls(loc, group, read_only=mode == "r")
+
+    def _load_info(self) -> StoreInfo:
+        raw = self.group.attrs.get(INFO_KEY)
+        if raw is None:
+            raise StoreError(f"{self.loc.url}: a Zarr group but not an activation store (no '{INFO_KEY}' attribute)")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.loc.url}: store format_version {version}, this version of clt-pipeline reads "
+                f"{FORMAT_VERSION}; convert the store or use a matching clt-pipeline"
+            )
+        try:
+            return StoreInfo.model_validate(raw)
+        except ValidationError as err:
+            raise StoreError(f"{self.loc.url}: invalid '{INFO_KEY}' metadata: {err.errors()[0]}") from None
+
+    def _array(self, name: str) -> zarr.Array:
+        try:
+            arr = self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.loc.url}: store is missing the '{name}' array") from None
+        if not isinstance(arr, zarr.Array):
+            raise StoreError(f"{self.loc.url}: '{name}' is not an array")
+        return arr
+
+    def _check_layout(self) -> None:
+        info, url = self.info, self.loc.url
+        storage_np = DTYPES[info.dtype][0]
+        for arr in (self.inputs, self.targets):
+            if arr.ndim != 3 or arr.shape[1:] != (info.num_layers, info.d_model):
+                raise StoreError(
+                    f"{url}: '{arr.basename}' has shape {arr.shape}, metadata says [N, {info.num_layers}, "
+                    f"{info.d_model}]"
+                )
+            if arr.dtype != storage_np or arr.attrs.get("logical_dtype", info.dtype) != info.dtype:
+                raise StoreError(
+                    f"{url}: '{arr.basename}' is stored as {arr.dtype} "
+                    f"(logical {arr.attrs.get('logical_dtype')}), metadata says {info.dtype}"
+                )
+            if arr.chunks[0] != self.rows_per_chunk or arr.chunks[1:] != arr.shape[1:]:
+                raise StoreError(f"{url}: '{arr.basename}' chunks {arr.chunks} are not whole token rows")
+        if self.token_ids.chunks[0] != self.rows_per_chunk:
+            raise StoreError(f"{url}: 'token_ids' chunks {self.token_ids.chunks} differ from the row chunks")
+        shortest = min(self.inputs.shape[0], self.targets.shape[0], self.token_ids.shape[0])
+        if info.rows_committed > shortest:
+            raise StoreError(
+                f"{url}: rows_committed={info.rows_committed} but the arrays hold only {shortest} rows; "
+                "the store is truncated"
+            )
+
+    # --------------------------------------------------------------- geometry
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    @property
+    def num_rows(self) -> int:
+        """Committed rows: the only rows a reader ever sees."""
+        return self.info.rows_committed
+
+    @property
+    def num_layers(self) -> int:
+        return self.info.num_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.info.d_model
+
+    @property
+    def dtype(self) -> str:
+        return self.info.dtype
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.info.dtype][1]
+
+    @property
+    def rows_per_chunk(self) -> int:
+        return int(self.inputs.chunks[0])
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_rows / self.rows_per_chunk)
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token row in storage (inputs + targets + token id)."""
+        return 2 * self.num_layers * self.d_model * DTYPES[self.dtype][0].itemsize + 4
+
+    def chunk_rows(self, chunk: int) -> tuple[int, int]:
+        """Row range [start, stop) of a chunk, clipped to the committed rows."""
+        start = chunk * self.rows_per_chunk
+        return start, min(start + self.rows_per_chunk, self.num_rows)
+
+    # ---------------------------------------------------------------- reading
+    def read_storage(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw stored arrays of rows [start, stop) (bf16 as uint16), reading the three arrays concurrently."""
+        if not 0 <= start <= stop <= self.num_rows:
+            raise IndexError(f"rows [{start}, {stop}) outside the committed rows [0, {self.num_rows})")
+        with storage_errors(self.url, f"read rows {start}..{stop}"):
+            futures = [_io_pool.submit(_read_slice, a, start, stop) for a in (self.inputs, self.targets)]
+            token_ids = _read_slice(self.token_ids, start, stop)
+            inputs, targets = (f.result() for f in futures)
+        return inputs, targets, token_ids
+
+    def read(self, start: int, stop: int) -> ActivationRows:
+        """Rows [start, stop) as torch tensors in the logical dtype."""
+        inputs, targets, token_ids = self.read_storage(start, stop)
+        return ActivationRows(
+            from_storage(inputs, self.dtype), from_storage(targets, self.dtype), torch.from_numpy(token_ids)
+        )
+
+    def read_chunk(self, chunk: int) -> ActivationRows:
+        return self.read(*self.chunk_rows(chunk))
+
+    def iter_chunks(self, start_chunk: int = 0, stop_chunk: int | None = None) -> Iterator[ActivationRows]:
+        """Chunks in order, the next one read in the background while the caller works on the current one."""
+        stop_chunk = self.num_chunks if stop_chunk is None else stop_chunk
+        pending = None
+        for chunk in range(start_chunk, stop_chunk):
+            nxt = _io_pool.submit(self.read_chunk, chunk)
+            if pending is not None:
+                yield pending.result()
+            pending = nxt
+        if pending is not None:
+            yield pending.result()
+
+    # ---------------------------------------------------------------- writing
+    def writer(self) -> StoreWriter:
+        if self.read_only:
+            raise StoreError(f"{self.url}: opened read-only; open with mode='a' to write")
+        return StoreWriter(self)
+
+    def update_info(self, **fields: Any) -> None:
+        """Change fields of the `clt_dataset` attribute (one atomic metadata write)."""
+        if self.read_only:
+            raise StoreError(f"{self.url}: opened read-only")
+        data = self.info.model_dump(mode="json")
+        data.update(fields)
+        try:
+            info = StoreInfo.model_validate(data)
+        except ValidationError as err:
+            raise StoreError(f"invalid store metadata: {err.errors()[0]['msg']}") from None
+        with storage_errors(self.url, "update the store metadata"):
+            self.group.attrs[INFO_KEY] = info.model_dump(mode="json")
+        self.info = info
+
+    # ------------------------------------------------------------- norm stats
+    def write_norm_stats(self, stats: NormStats) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.url}: opened read-only")
+        shape = (self.num_layers, self.d_model)
+        with storage_errors(self.url, "write norm stats"):
+            group = self.group.require_group("norm_stats")
+            for name in NormStats.ARRAYS:
+                value = np.asarray(getattr(stats, name), dtype=np.float64)
+                if value.shape != shape:
+                    raise StoreError(f"norm stat {name} has shape {value.shape}, the store needs {shape}")
+                arr = group.create_array(name, shape=shape, dtype=np.float64, chunks=shape, overwrite=True)
+                arr[...] = value
+            group.attrs["count"] = int(stats.count)
+
+    def read_norm_stats(self) -> NormStats | None:
+        """The stored normalisation statistics, or None if they were never computed."""
+        with storage_errors(self.url, "read norm stats"):
+            if "norm_stats" not in self.group:
+                return None
+            group = self.group["norm_stats"]
+            try:
+                arrays = {name: np.asarray(group[name][...]) for name in NormStats.ARRAYS}
+            except KeyError as err:
+                raise StoreError(f"{self.url}: norm_stats is incomplete (missing {err})") from None
+            return NormStats(count=int(group.attrs.get("count", 0)), **arrays)
+
+    def __repr__(self) -> str:
+        i = self.info
+        return (
+            f"ActivationStore({self.url!r}, rows={i.rows_committed}, layers={i.num_layers}, d_model={i.d_model}, "
+            f"dtype={i.dtype}, rows_per_chunk={self.rows_per_chunk})"
+        )
+
+
+def _read_slice(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    return arr[start:stop]
+
+
+def store_exists(url: str) -> bool:
+    """Whether a Zarr group (of any kind) exists at the URL."""
+    from clt_core.data.storage import filesystem
+
+    loc = parse_url(url)
+    with storage_errors(loc.url, "check whether the store exists"):
+        return filesystem(loc).exists(f"{loc.path}/zarr.json")
+
+
+class StoreWriter:
+    """Appends rows to a store in whole chunks, committing after the data is written.
+
+    Rows are buffered until a chunk is full; `close()` writes the partial tail chunk and trims the arrays to the
+    committed length. Reopening a store whose last chunk is partial reloads that tail, so appending continues
+    seamlessly and every chunk but the last stays full.
+    """
+
+    def __init__(self, store: ActivationStore) -> None:
+        self.store = store
+        rows = store.rows_per_chunk
+        committed = store.num_rows
+        self._write_pos = committed - committed % rows  # always chunk-aligned
+        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        if committed % rows:
+            self._buffer.append(store.read_storage(self._write_pos, committed))
+        self._capacity = store.inputs.shape[0]
+
+    @property
+    def rows_committed(self) -> int:
+        return self.store.num_rows
+
+    @property
+    def rows_buffered(self) -> int:
+        return sum(len(b[2]) for b in self._buffer)
+
+    def append(
+        self,
+        inputs: torch.Tensor | np.ndarray,
+        targets: torch.Tensor | np.ndarray,
+        token_ids: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Add rows `[n, L, d]`; full chunks are written and committed at once."""
+        st = self.store
+        shape = (st.num_layers, st.d_model)
+        if tuple(inputs.shape[1:]) != shape or tuple(targets.shape[1:]) != shape:
+            raise StoreError(
+                f"{st.url}: rows of shape {tuple(inputs.shape[1:])}/{tuple(targets.shape[1:])} do not match the "
+                f"store's [L, d] = {list(shape)}"
+            )
+        n = inputs.shape[0]
+        if targets.shape[0] != n:
+            raise StoreError(f"inputs have {n} rows but targets have {targets.shape[0]}")
+        if token_ids is None:
+            ids = np.full(n, -1, np.int32)
+        else:
+            ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids)
+            ids = ids.astype(np.int32, copy=False)
+            if ids.shape != (n,):
+                raise StoreError(f"token_ids has shape {ids.shape}, expected ({n},)")
+        if n:
+            self._buffer.append((to_storage(inputs, st.dtype), to_storage(targets, st.dtype), ids))
+        if self.rows_buffered >= st.rows_per_chunk:
+            self._flush(full_chunks_only=True)
+
+    def _flush(self, full_chunks_only: bool) -> None:
+        st = self.store
+        if not self._buffer:
+            return
+        inputs, targets, ids = (np.concatenate(parts) for parts in zip(*self._buffer, strict=True))
+        n_write = len(ids) - len(ids) % st.rows_per_chunk if full_chunks_only else len(ids)
+        if n_write == 0:
+            self._buffer = [(inputs, targets, ids)]
+            return
+        start, stop = self._write_pos, self._write_pos + n_write
+        with storage_errors(st.url, f"write rows {start}..{stop}"):
+            if stop > self._capacity:
+                self._capacity = max(stop, 2 * self._capacity)
+                for arr in (st.inputs, st.targets):
+                    arr.resize((self._capacity, st.num_layers, st.d_model))
+                st.token_ids.resize((self._capacity,))
+            jobs = [
+                _io_pool.submit(_write_slice, arr, start, stop, data[:n_write])
+                for arr, data in ((st.inputs, inputs), (st.targets, targets), (st.token_ids, ids))
+            ]
+            for job in jobs:
+                job.result()
+        st.update_info(rows_committed=stop)  # the commit point
+        # A partial tail chunk stays buffered: it is rewritten, whole, when more rows arrive.
+        keep_from = n_write - stop % st.rows_per_chunk
+        self._write_pos = start + keep_from
+        rest = (inputs[keep_from:], targets[keep_from:], ids[keep_from:])
+        self._buffer = [rest] if len(rest[2]) else []
+
+    def close(self) -> None:
+        """Write and commit any buffered rows, and trim the arrays to exactly the committed rows."""
+        st = self.store
+        self._flush(full_chunks_only=False)
+        n = st.num_rows
+        with storage_errors(st.url, "finalise the store"):
+            if st.inputs.shape[0] != n:
+                for arr in (st.inputs, st.targets):
+                    arr.resize((n, st.num_layers, st.d_model))
+                st.token_ids.resize((n,))
+        self._capacity = n
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def _write_slice(arr: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
+    arr[start:stop] = data
