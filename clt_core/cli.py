@@ -80,6 +80,33 @@ def _export_hdf5(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from clt_core.data.sampler import ActivationSampler, SamplerConfig
+    from clt_core.data.store import ActivationStore
+
+    config = config_from_args(SamplerConfig, args, args.config)
+    store = ActivationStore.open(args.url)
+    sampler = ActivationSampler(store, config)
+    next(sampler)  # the first window: start-up cost, not throughput
+    start = time.perf_counter()
+    for _ in tqdm(range(args.batches), desc="sampling", unit="batch", disable=args.quiet):
+        batch = next(sampler)
+    seconds = time.perf_counter() - start
+    sampler.close()
+    rows = args.batches * config.batch_size
+    print(
+        f"{rows} rows in {seconds:.2f} s: {rows / seconds:,.0f} rows/s, "
+        f"{rows * store.row_bytes / seconds / 1e6:,.1f} MB/s of stored data; last batch inputs "
+        f"{tuple(batch.inputs.shape)} {batch.inputs.dtype}, mean {batch.inputs.float().mean():.3f}, "
+        f"std {batch.inputs.float().std():.3f}; epoch {sampler.epoch}"
+    )
+    return 0
+
+
 def _make_synthetic(args: argparse.Namespace) -> int:
     from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 
@@ -90,6 +117,7 @@ def _make_synthetic(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from clt_core.data.sampler import SamplerConfig
     from clt_core.data.scramble import ScrambleConfig
     from clt_core.data.synthetic import SyntheticConfig
 
@@ -135,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="store URL")
     p.add_argument("dst", help="destination directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination directory")
+
+    p = command("sample", _sample, "Draw training batches from a store and report throughput.")
+    p.add_argument("url")
+    p.add_argument("--config", help="YAML file with sampler settings; flags override it")
+    p.add_argument("--batches", type=int, default=20, help="batches to draw (default: 20)")
+    add_config_arguments(p, SamplerConfig)
 
     p = command("make-synthetic", _make_synthetic, "Write a synthetic store with a planted cross-layer dictionary.")
     p.add_argument("url")

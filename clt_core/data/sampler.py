@@ -1,0 +1,349 @@
+"""Training batches from an activation store: shuffled across chunks, deterministic, resumable, prefetched.
+
+The training rows of a store (all chunks but the held-out tail) form, for each rank, an endless *stream*:
+epoch `e` orders the training chunks by a permutation seeded with `(seed, e)` and groups them into windows of
+`buffer_chunks` chunks; rank `r` of `world_size` takes windows `r, r + world_size, ...`; each window's rows are
+permuted (seeded with `(seed, e, window)`) and appended to the stream. Batch `b` is rows `[b·B, (b+1)·B)` of that
+stream, so batches mix rows of many chunks, epochs roll over seamlessly, and the whole sampler state is one integer:
+the stream position. Resuming re-derives everything else from the seed.
+
+A background thread reads, shuffles, converts and normalises the next windows while the caller trains on the
+current one. The held-out chunks are never in the stream; `holdout_batches` reads them in order for evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from clt_core.config import Config
+from clt_core.data.norm_stats import NormStats
+from clt_core.data.store import ActivationRows, ActivationStore, from_storage
+from clt_core.errors import ConfigError, StoreError
+
+OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_VERSION = 1
+
+
+class SamplerConfig(Config):
+    """How batches are drawn from a store."""
+
+    batch_size: int = Field(4096, ge=1)
+    """Token rows per batch (per rank)."""
+    buffer_chunks: int = Field(8, ge=1)
+    """Chunks whose rows are shuffled together: larger mixes better and costs memory (about 2-3 windows resident)."""
+    seed: int = 0
+    """Seed of the chunk and row orders."""
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Fraction of chunks, taken from the end of the store, reserved for evaluation and never trained on."""
+    normalization_method: Literal["auto", "mean_std", "none"] = "auto"
+    """`mean_std`: standardise inputs and targets with the store's norm stats (error if absent); `auto`: do so when
+    the store has norm stats; `none`: raw activations."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the batches handed to the caller."""
+    prefetch_windows: int = Field(2, ge=1)
+    """Windows prepared ahead by the background thread."""
+    read_workers: int = Field(8, ge=1)
+    """Chunks of a window read concurrently."""
+
+
+def split_chunks(num_chunks: int, holdout_fraction: float) -> tuple[range, range]:
+    """Training and held-out chunk ranges; the held-out tail is at least one chunk when the fraction is positive."""
+    held = math.ceil(num_chunks * holdout_fraction) if holdout_fraction > 0 else 0
+    if holdout_fraction > 0 and held >= num_chunks:
+        raise StoreError(
+            f"holdout_fraction={holdout_fraction} leaves no training chunk out of {num_chunks}; "
+            "lower it or use a store with more chunks"
+        )
+    return range(0, num_chunks - held), range(num_chunks - held, num_chunks)
+
+
+class Normalizer:
+    """Standardises rows with a store's norm stats, `(x - mean) / std` with std floored at `eps`, computed as one
+    fused `x·scale + bias` pass that also converts to float32."""
+
+    def __init__(self, stats: NormStats, eps: float = 1e-6) -> None:
+        f32 = torch.float32
+        self.inputs_scale = 1.0 / torch.as_tensor(stats.inputs_std, dtype=f32).clamp_min(eps)
+        self.inputs_bias = -torch.as_tensor(stats.inputs_mean, dtype=f32) * self.inputs_scale
+        self.targets_scale = 1.0 / torch.as_tensor(stats.targets_std, dtype=f32).clamp_min(eps)
+        self.targets_bias = -torch.as_tensor(stats.targets_mean, dtype=f32) * self.targets_scale
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.inputs_bias, x, self.inputs_scale)
+
+    def targets(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.targets_bias, y, self.targets_scale)
+
+
+def make_normalizer(store: ActivationStore, method: str) -> Normalizer | None:
+    if method == "none":
+        return None
+    stats = store.read_norm_stats()
+    if stats is None:
+        if method == "mean_std":
+            raise StoreError(
+                f"{store.url}: normalization_method=mean_std but the store has no norm stats; run "
+                f"`clt norm-stats {store.url}` first"
+            )
+        return None
+    return Normalizer(stats)
+
+
+def _prepare(rows: ActivationRows, normalizer: Normalizer | None, dtype: torch.dtype) -> ActivationRows:
+    inputs, targets = rows.inputs, rows.targets
+    if normalizer is not None:
+        inputs, targets = normalizer.inputs(inputs), normalizer.targets(targets)
+    return ActivationRows(inputs.to(dtype), targets.to(dtype), rows.token_ids)
+
+
+@dataclass(frozen=True)
+class _Window:
+    epoch: int
+    index: int  # window index within the epoch
+    chunks: tuple[int, ...]
+    rows: int
+
+
+class ActivationSampler:
+    """Endless iterator of shuffled `ActivationRows` batches for one rank; see the module docstring."""
+
+    def __init__(self, store: ActivationStore, config: SamplerConfig, *, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+        self.store = store
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.train_chunks, self.holdout_chunks = split_chunks(store.num_chunks, config.holdout_fraction)
+        if len(self.train_chunks) == 0:
+            raise StoreError(f"{store.url}: no committed rows to sample from")
+        windows_per_epoch = math.ceil(len(self.train_chunks) / config.buffer_chunks)
+        if windows_per_epoch < world_size:
+            raise StoreError(
+                f"{store.url}: {len(self.train_chunks)} training chunks make {windows_per_epoch} windows of "
+                f"buffer_chunks={config.buffer_chunks}, fewer than world_size={world_size}; lower buffer_chunks"
+            )
+        self.normalizer = make_normalizer(store, config.normalization_method)
+        self.dtype = OUTPUT_DTYPES[config.dtype]
+        self.position = 0
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_windows)
+        self._stop = threading.Event()
+        self._current: ActivationRows | None = None
+        self._offset = 0
+        self._pool = ThreadPoolExecutor(config.read_workers, thread_name_prefix="clt-sampler-read")
+
+    # ------------------------------------------------------------ the stream
+    def _epoch_windows(self, epoch: int) -> list[_Window]:
+        """This rank's windows of an epoch, in stream order."""
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(len(self.train_chunks))
+        chunks = [self.train_chunks[i] for i in order]
+        size = self.config.buffer_chunks
+        windows = []
+        for index, lo in enumerate(range(0, len(chunks), size)):
+            if index % self.world_size != self.rank:
+                continue
+            group = tuple(chunks[lo : lo + size])
+            rows = sum(hi - lo_ for lo_, hi in map(self.store.chunk_rows, group))
+            windows.append(_Window(epoch, index, group, rows))
+        return windows
+
+    def _locate(self, position: int) -> tuple[int, int, int]:
+        """(epoch, window number within this rank's epoch, row offset) of a stream position."""
+        epoch = 0
+        while True:
+            windows = self._epoch_windows(epoch)
+            for number, window in enumerate(windows):
+                if position < window.rows:
+                    return epoch, number, position
+                position -= window.rows
+            epoch += 1
+
+    def _windows_from(self, epoch: int, number: int) -> Iterator[_Window]:
+        """This rank's windows from a position on, across epochs, forever."""
+        while True:
+            yield from self._epoch_windows(epoch)[number:]
+            epoch, number = epoch + 1, 0
+
+    def _start_reads(self, window: _Window) -> list[Future]:
+        return [self._pool.submit(self.store.read_storage, *self.store.chunk_rows(c)) for c in window.chunks]
+
+    def _assemble(self, window: _Window, reads: list[Future]) -> ActivationRows:
+        """Scatter the window's chunks to their permuted rows as they arrive, then normalise and convert."""
+        store = self.store
+        dest = torch.from_numpy(
+            np.random.default_rng([self.config.seed, window.epoch, window.index]).permutation(window.rows)
+        )
+        shape = (window.rows, store.num_layers, store.d_model)
+        inputs = torch.empty(shape, dtype=store.torch_dtype)
+        targets = torch.empty(shape, dtype=store.torch_dtype)
+        ids = torch.empty(window.rows, dtype=torch.int32)
+        offset = 0
+        for future in reads:
+            chunk_inputs, chunk_targets, chunk_ids = future.result()
+            rows = dest[offset : offset + len(chunk_ids)]
+            offset += len(chunk_ids)
+            inputs.index_copy_(0, rows, from_storage(chunk_inputs, store.dtype))
+            targets.index_copy_(0, rows, from_storage(chunk_targets, store.dtype))
+            ids.index_copy_(0, rows, torch.from_numpy(chunk_ids))
+        return _prepare(ActivationRows(inputs, targets, ids), self.normalizer, self.dtype)
+
+    def _produce(self, epoch: int, number: int) -> None:
+        """Background loop: the next window's chunks are read while the current one is assembled."""
+        try:
+            pending: tuple[_Window, list[Future]] | None = None
+            for window in self._windows_from(epoch, number):
+                reads = self._start_reads(window)
+                if pending is not None:
+                    item = self._assemble(*pending)
+                    while not self._stop.is_set():
+                        try:
+                            self._queue.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                if self._stop.is_set():
+                    return
+                pending = (window, reads)
+        except BaseException as exc:  # surfaced in the consumer
+            self._queue.put(exc)
+
+    def _next_window(self) -> ActivationRows:
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self.close()
+            if isinstance(item, StoreError):
+                raise item
+            raise StoreError(f"{self.store.url}: reading a training window failed: {item}") from item
+        return item
+
+    # ------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[ActivationRows]:
+        return self
+
+    def __next__(self) -> ActivationRows:
+        if self._thread is None:
+            epoch, number, offset = self._locate(self.position)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._produce, args=(epoch, number), daemon=True)
+            self._thread.start()
+            self._current, self._offset = self._next_window(), offset
+        pieces: list[ActivationRows] = []
+        need = self.config.batch_size
+        while need:
+            assert self._current is not None
+            available = len(self._current.token_ids) - self._offset
+            if available == 0:
+                self._current, self._offset = self._next_window(), 0
+                continue
+            take = min(need, available)
+            sl = slice(self._offset, self._offset + take)
+            pieces.append(ActivationRows(*(t[sl] for t in self._current)))
+            self._offset += take
+            need -= take
+        self.position += self.config.batch_size
+        if len(pieces) == 1:
+            return pieces[0]
+        return ActivationRows(*(torch.cat(ts) for ts in zip(*pieces, strict=True)))
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch starts in."""
+        return self._locate(self.position)[0]
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly here: the stream position plus what the stream depends on."""
+        return {
+            "version": STATE_VERSION,
+            "position": self.position,
+            "seed": self.config.seed,
+            "batch_size": self.config.batch_size,
+            "buffer_chunks": self.config.buffer_chunks,
+            "holdout_fraction": self.config.holdout_fraction,
+            "train_chunks": len(self.train_chunks),
+            "num_rows": self.store.num_rows,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = self.state_dict()
+        for key in (
+            "version",
+            "seed",
+            "buffer_chunks",
+            "holdout_fraction",
+            "train_chunks",
+            "num_rows",
+            "rank",
+            "world_size",
+        ):
+            if state.get(key) != expected[key]:
+                raise StoreError(
+                    f"sampler state was saved with {key}={state.get(key)!r} but this sampler has "
+                    f"{key}={expected[key]!r}; resume with the same store and sampler settings"
+                )
+        if state["batch_size"] != self.config.batch_size and state["position"] % self.config.batch_size:
+            raise StoreError("sampler state's position is not a whole number of batches of the new batch_size")
+        self.close()
+        self.position = int(state["position"])
+
+    def close(self) -> None:
+        """Stop the background thread (the sampler can be iterated again afterwards)."""
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.05)
+            self._thread = None
+        self._queue = queue.Queue(maxsize=self.config.prefetch_windows)
+        self._current, self._offset = None, 0
+
+    def __enter__(self) -> ActivationSampler:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def holdout_batches(
+    store: ActivationStore, config: SamplerConfig, batch_size: int | None = None, max_rows: int | None = None
+) -> Iterator[ActivationRows]:
+    """The held-out rows in store order, prepared like training batches; the last batch may be smaller."""
+    _, held = split_chunks(store.num_chunks, config.holdout_fraction)
+    if len(held) == 0:
+        raise StoreError(f"{store.url}: no held-out chunks; set holdout_fraction > 0")
+    normalizer = make_normalizer(store, config.normalization_method)
+    dtype = OUTPUT_DTYPES[config.dtype]
+    size = batch_size or config.batch_size
+    budget = max_rows if max_rows is not None else store.num_rows
+    buffer: list[ActivationRows] = []
+    buffered = 0
+    for chunk in store.iter_chunks(held.start, held.stop):
+        if budget <= 0:
+            break
+        chunk = ActivationRows(*(t[:budget] for t in chunk))
+        budget -= len(chunk.token_ids)
+        buffer.append(chunk)
+        buffered += len(chunk.token_ids)
+        while buffered >= size:
+            joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
+            yield _prepare(ActivationRows(*(t[:size] for t in joined)), normalizer, dtype)
+            rest = ActivationRows(*(t[size:] for t in joined))
+            buffer, buffered = [rest], len(rest.token_ids)
+    if buffered:
+        joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
+        yield _prepare(joined, normalizer, dtype)
