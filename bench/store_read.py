@@ -68,6 +68,7 @@ def sampler_read(store: ActivationStore, config: SamplerConfig) -> float:
 def measure(label: str, store: ActivationStore, repeats: int, batch_size: int, buffer_chunks: int) -> None:
     variants = {
         "sampler float32 normalised": SamplerConfig(batch_size=batch_size, buffer_chunks=buffer_chunks),
+        "sampler bf16 normalised": SamplerConfig(batch_size=batch_size, buffer_chunks=buffer_chunks, dtype="bfloat16"),
         "sampler bf16 raw values": SamplerConfig(
             batch_size=batch_size, buffer_chunks=buffer_chunks, dtype="bfloat16", normalization_method="none"
         ),

@@ -68,8 +68,8 @@ def split_chunks(num_chunks: int, holdout_fraction: float) -> tuple[range, range
 
 
 class Normalizer:
-    """Standardises rows with a store's norm stats, `(x - mean) / std` with std floored at `eps`, computed as one
-    fused `x·scale + bias` pass that also converts to float32."""
+    """Standardises rows with a store's norm stats: `(x - mean) / std` with std floored at `eps`, computed as
+    `x·scale + bias` in float32."""
 
     def __init__(self, stats: NormStats, eps: float = 1e-6) -> None:
         f32 = torch.float32
@@ -79,10 +79,16 @@ class Normalizer:
         self.targets_bias = -torch.as_tensor(stats.targets_mean, dtype=f32) * self.targets_scale
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.inputs_bias, x, self.inputs_scale)
+        return _affine(x, self.inputs_scale, self.inputs_bias)
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self.targets_bias, y, self.targets_scale)
+        return _affine(y, self.targets_scale, self.targets_bias)
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # Convert first, then one in-place same-dtype pass: mixed-dtype elementwise ops take a slow path on CPU.
+    y = x.to(torch.float32, copy=True)
+    return torch.addcmul(bias, y, scale, out=y)
 
 
 def make_normalizer(store: ActivationStore, method: str) -> Normalizer | None:

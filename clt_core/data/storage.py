@@ -7,8 +7,12 @@ Low-level storage exceptions are translated into one-line `StoreError`s by `stor
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import contextlib
 import os
+import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,7 +85,71 @@ def zarr_store(loc: StoreLocation, read_only: bool) -> Store:
     if loc.is_local:
         return LocalStore(loc.path, read_only=read_only)
     fs = fsspec.filesystem("s3", asynchronous=True, skip_instance_cache=True, **s3_options())
-    return FsspecStore(fs, path=loc.path, read_only=read_only)
+    store = FsspecStore(fs, path=loc.path, read_only=read_only)
+    _close_with(store, fs)
+    return store
+
+
+# s3fs closes the HTTP session of a synchronous filesystem when it is collected, but not of an asynchronous one (as
+# zarr needs): left open, aiohttp prints "Unclosed client session" to stderr at exit, after every `clt` command on
+# S3. Close it when the zarr store is collected, and at exit before zarr stops its event loop (atexit runs in reverse
+# order of registration, and zarr registered its cleanup when imported above).
+_pending_closes: set[weakref.finalize] = set()
+_pending_lock = threading.Lock()  # never taken inside a finalizer: GC may run one while this thread holds it
+
+
+def _close_with(store: Store, fs: fsspec.AbstractFileSystem) -> None:
+    fin = weakref.finalize(store, _close_s3_session, fs)
+    fin.atexit = False  # run by _close_all_at_exit instead, while zarr's loop still runs
+    with _pending_lock:
+        _pending_closes.difference_update([f for f in _pending_closes if not f.alive])
+        _pending_closes.add(fin)
+
+
+def _close_s3_session(fs: fsspec.AbstractFileSystem) -> None:
+    """Close an asynchronous s3fs instance's client on the zarr event loop it was opened on (best effort)."""
+    from zarr.core.sync import loop as zarr_loop
+
+    creator = getattr(fs, "_s3creator", None)
+    loop = zarr_loop[0]
+    if creator is None or getattr(fs, "_s3", None) is None or loop is None or not loop.is_running():
+        return
+    fs._s3 = None  # should anything still use this filesystem, s3fs opens a new client
+    coro = creator.__aexit__(None, None, None)
+    try:
+        on_loop = asyncio.get_running_loop() is loop
+    except RuntimeError:
+        on_loop = False
+    if on_loop:  # collected on the loop's own thread: it cannot wait for itself
+        loop.create_task(coro)
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=5)
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    with _pending_lock:
+        pending = list(_pending_closes)
+        _pending_closes.clear()
+    for fin in pending:
+        fin()  # a no-op for those already run
+
+
+def check_bucket(loc: StoreLocation, fs: fsspec.AbstractFileSystem) -> None:
+    """Refuse a missing S3 bucket with a clear message (some servers, SeaweedFS among them, would create it on the
+    first write, so a typo in the bucket name would otherwise silently scatter data into a new bucket)."""
+    if loc.is_local:
+        return
+    bucket = loc.path.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        raise StoreError(
+            f"{loc.url}: the bucket '{bucket}' does not exist; create it first or correct the URL"
+        ) from None
+    except PermissionError:
+        pass  # the credentials may allow objects but not the bucket; later requests will tell
 
 
 def _describe(exc: BaseException) -> str:
@@ -100,8 +168,8 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         msg = _describe(exc)
         if "signature" in msg.lower() or "accessdenied" in msg.lower() or "forbidden" in msg.lower():
             raise StoreError(
-                f"{url}: access denied while trying to {action} ({msg}); check AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY"
+                f"{url}: access denied while trying to {action} ({msg}); check the S3 credentials "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from None
         raise StoreError(f"{url}: permission denied while trying to {action} ({msg})") from None
     except FileNotFoundError as exc:

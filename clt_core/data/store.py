@@ -39,7 +39,12 @@ DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
     "float32": (np.dtype(np.float32), torch.float32),
 }
 DEFAULT_CHUNK_BYTES = 4 * 2**20
+# Two pools, so no task ever waits on a task queued behind it in its own pool: `_io_pool` runs only leaf reads and
+# writes of one array slice (which never wait on anything), `_prefetch_pool` runs whole-chunk reads for
+# `iter_chunks`, which wait on `_io_pool`. With one shared pool, 16 concurrent prefetches filled every thread while
+# waiting for their own slice reads, and e.g. `compute_norm_stats(workers=8)` deadlocked.
 _io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="clt-store-io")
+_prefetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="clt-store-prefetch")
 
 
 class StoreInfo(BaseModel):
@@ -200,7 +205,10 @@ class ActivationStore:
             raise StoreError(f"{self.loc.url}: store is missing the '{name}' array") from None
         if not isinstance(arr, zarr.Array):
             raise StoreError(f"{self.loc.url}: '{name}' is not an array")
-        return arr
+        # Zarr skips writing chunks equal to the fill value and reads absent chunks as that value. Writing every
+        # chunk keeps "a committed chunk object is missing" detectable as corruption (`clt verify`) instead of it
+        # silently reading as zeros (or -1 token ids).
+        return arr.with_config({"write_empty_chunks": True})
 
     def _check_layout(self) -> None:
         info, url = self.info, self.loc.url
@@ -297,7 +305,7 @@ class ActivationStore:
         stop_chunk = self.num_chunks if stop_chunk is None else stop_chunk
         pending = None
         for chunk in range(start_chunk, stop_chunk):
-            nxt = _io_pool.submit(self.read_chunk, chunk)
+            nxt = _prefetch_pool.submit(self.read_chunk, chunk)
             if pending is not None:
                 yield pending.result()
             pending = nxt
@@ -364,12 +372,16 @@ def _read_slice(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
 
 
 def store_exists(url: str) -> bool:
-    """Whether a Zarr group (of any kind) exists at the URL."""
-    from clt_core.data.storage import filesystem
+    """Whether a Zarr group (of any kind) exists at the URL; a missing S3 bucket is a StoreError, not False."""
+    from clt_core.data.storage import check_bucket, filesystem
 
     loc = parse_url(url)
     with storage_errors(loc.url, "check whether the store exists"):
-        return filesystem(loc).exists(f"{loc.path}/zarr.json")
+        fs = filesystem(loc)
+        if fs.exists(f"{loc.path}/zarr.json"):
+            return True
+        check_bucket(loc, fs)
+        return False
 
 
 class StoreWriter:

@@ -47,13 +47,11 @@ def test_rows_stay_intact_and_batches_have_the_requested_size(store: ActivationS
 
 
 def test_each_epoch_visits_every_training_row_exactly_once(store: ActivationStore) -> None:
-    train, _ = split_chunks(store.num_chunks, 0.0)
     with ActivationSampler(store, raw(batch_size=100)) as sampler:
         first, second = torch.cat(take(sampler, 10)), torch.cat(take(sampler, 10))
     assert sorted(first.tolist()) == list(range(ROWS))
     assert sorted(second.tolist()) == list(range(ROWS))
     assert not torch.equal(first, second), "the second epoch should be ordered differently"
-    assert len(train) == store.num_chunks
 
 
 def test_a_batch_mixes_rows_from_several_chunks(store: ActivationStore) -> None:
@@ -105,7 +103,7 @@ def test_state_from_other_settings_is_refused(store: ActivationStore) -> None:
 
 def test_holdout_rows_are_never_trained_on_and_read_in_order(store: ActivationStore) -> None:
     config = raw(holdout_fraction=0.1)
-    train, held = split_chunks(store.num_chunks, 0.1)
+    _, held = split_chunks(store.num_chunks, 0.1)
     assert len(held) == 2
     with ActivationSampler(store, config) as sampler:
         seen = set(torch.cat(take(sampler, 25)).tolist())
