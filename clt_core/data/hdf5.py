@@ -37,8 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from clt_core.data.norm_stats import NormStats
-from clt_core.data.storage import filesystem, parse_url, storage_errors
-from clt_core.data.store import ActivationStore, store_exists
+from clt_core.data.store import ActivationStore
 from clt_core.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -416,18 +415,6 @@ def _source_record(src: Path, manifest: _Manifest, files: list[_ChunkFile], meta
     }
 
 
-def _refuse_non_store(url: str) -> None:
-    """ActivationStore.create(overwrite=...) only checks for zarr.json and then clears the location, so a
-    non-empty directory that is not a store would be wiped: refuse it here, with or without overwrite."""
-    loc = parse_url(url)
-    if store_exists(loc.url):
-        return
-    with storage_errors(loc.url, "check the destination"):
-        fs = filesystem(loc)
-        if fs.exists(loc.path) and (not fs.isdir(loc.path) or fs.ls(loc.path)):
-            raise StoreError(f"{loc.url}: exists and is not an activation store; choose an empty or new location")
-
-
 class _OpenFiles:
     """A few chunk files kept open, so manifests that alternate between files do not reopen them per run."""
 
@@ -488,7 +475,6 @@ def import_hdf5(
         info["text_split"] = str(meta["split"])
     if isinstance(meta.get("context_size"), int):
         info["context_size"] = meta["context_size"]
-    _refuse_non_store(dst_url)
     store = ActivationStore.create(
         dst_url,
         num_layers=num_layers,

@@ -43,7 +43,7 @@ from pydantic import ByteSize, Field
 from tqdm import tqdm
 
 from clt_core.config import Config
-from clt_core.data.storage import StoreLocation, filesystem, parse_url, storage_errors
+from clt_core.data.storage import StoreLocation, filesystem, parse_url
 from clt_core.errors import StoreError
 
 if TYPE_CHECKING:  # the store module imports torch: keep `clt --help` fast
@@ -287,7 +287,7 @@ def scramble_store(
     `parent=src_url` and `seed=config.seed`. `scrambled` is set last, so an interrupted run never looks finished;
     a failed run removes the partial destination and always removes its temp files.
     """
-    from clt_core.data.store import DTYPES, ActivationStore, StoreWriter
+    from clt_core.data.store import DTYPES, ActivationStore, StoreWriter, check_destination
 
     t0 = time.perf_counter()
     src_loc, dst_loc = parse_url(src_url), parse_url(dst_url)
@@ -306,7 +306,7 @@ def scramble_store(
         remote_dst=not dst_loc.is_local,
     )
     rec_dt = record_dtype(src.num_layers, src.d_model, storage_np)
-    _check_destination_free(dst_loc, overwrite)
+    check_destination(dst_loc.url, overwrite)  # before any expensive work
     tmp_root = _make_tmp_dir(config.tmp_dir, need=n * rec_dt.itemsize)
 
     created = False
@@ -489,20 +489,6 @@ def _check_distinct(src: StoreLocation, dst: StoreLocation) -> None:
         raise StoreError(f"source and destination are the same store ({src.url}); scramble into a new URL")
     if b.startswith(a + "/") or a.startswith(b + "/"):
         raise StoreError(f"destination {dst.url} overlaps the source {src.url}; choose a location outside it")
-
-
-def _check_destination_free(dst: StoreLocation, overwrite: bool) -> None:
-    """Refuse an existing destination (store or not) unless `overwrite`, before any expensive work."""
-    if overwrite:
-        return
-    with storage_errors(dst.url, "check the destination"):
-        if dst.is_local:
-            p = Path(dst.path)
-            in_use = p.exists() and (not p.is_dir() or any(p.iterdir()))
-        else:
-            in_use = filesystem(dst).exists(dst.path)
-    if in_use:
-        raise StoreError(f"{dst.url} already exists; pass --overwrite to replace it")
 
 
 def _make_tmp_dir(tmp_dir: str | None, need: int) -> Path:

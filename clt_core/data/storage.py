@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import json
 import os
 import threading
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,81 +59,78 @@ def parse_url(url: str) -> StoreLocation:
 
 
 def s3_options() -> dict:
-    """s3fs options from the environment, with short timeouts so an unreachable endpoint fails fast."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    """s3fs options from the environment, with short timeouts so an unreachable endpoint fails fast.
+
+    Credentials set in the environment are passed explicitly so that they are part of the filesystem cache key:
+    changing them (another user, a rotated secret) gives a new client rather than a stale cached one. Unset, s3fs
+    falls back to botocore's usual chain (profiles, instance roles)."""
+    env = os.environ
     options: dict = {
         "config_kwargs": {
-            "connect_timeout": float(os.environ.get("CLT_S3_CONNECT_TIMEOUT", "5")),
+            "connect_timeout": float(env.get("CLT_S3_CONNECT_TIMEOUT", "5")),
             "read_timeout": 120,
-            "retries": {"max_attempts": int(os.environ.get("CLT_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
+            "retries": {"max_attempts": int(env.get("CLT_S3_MAX_ATTEMPTS", "3")), "mode": "standard"},
             "max_pool_connections": 32,
         },
     }
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
     if endpoint:
         options["endpoint_url"] = endpoint
+    for option, var in (
+        ("key", "AWS_ACCESS_KEY_ID"),
+        ("secret", "AWS_SECRET_ACCESS_KEY"),
+        ("token", "AWS_SESSION_TOKEN"),
+    ):
+        if env.get(var):
+            options[option] = env[var]
     return options
 
 
 def filesystem(loc: StoreLocation) -> fsspec.AbstractFileSystem:
+    """A synchronous filesystem for the location (cached by fsspec per set of options)."""
     if loc.is_local:
         return fsspec.filesystem("file")
-    return fsspec.filesystem("s3", asynchronous=False, skip_instance_cache=True, **s3_options())
+    return fsspec.filesystem("s3", **s3_options())
+
+
+# One asynchronous s3fs client per set of options for the whole process, used by every zarr store on S3 (zarr runs
+# all of them on its one event loop). s3fs never closes the HTTP session of an asynchronous filesystem, and aiohttp
+# then prints "Unclosed client session" at exit: close them at exit, before zarr stops its loop (atexit runs in
+# reverse order of registration, and zarr registered its cleanup when imported above).
+_async_filesystems: dict[str, fsspec.AbstractFileSystem] = {}
+_async_lock = threading.Lock()
+
+
+def _async_s3() -> fsspec.AbstractFileSystem:
+    options = s3_options()
+    key = json.dumps(options, sort_keys=True)
+    with _async_lock:
+        if key not in _async_filesystems:
+            _async_filesystems[key] = fsspec.filesystem("s3", asynchronous=True, skip_instance_cache=True, **options)
+        return _async_filesystems[key]
 
 
 def zarr_store(loc: StoreLocation, read_only: bool) -> Store:
     """A zarr store for the location: `LocalStore` (atomic writes by rename) or `FsspecStore` over s3fs."""
     if loc.is_local:
         return LocalStore(loc.path, read_only=read_only)
-    fs = fsspec.filesystem("s3", asynchronous=True, skip_instance_cache=True, **s3_options())
-    store = FsspecStore(fs, path=loc.path, read_only=read_only)
-    _close_with(store, fs)
-    return store
-
-
-# s3fs closes the HTTP session of a synchronous filesystem when it is collected, but not of an asynchronous one (as
-# zarr needs): left open, aiohttp prints "Unclosed client session" to stderr at exit, after every `clt` command on
-# S3. Close it when the zarr store is collected, and at exit before zarr stops its event loop (atexit runs in reverse
-# order of registration, and zarr registered its cleanup when imported above).
-_pending_closes: set[weakref.finalize] = set()
-_pending_lock = threading.Lock()  # never taken inside a finalizer: GC may run one while this thread holds it
-
-
-def _close_with(store: Store, fs: fsspec.AbstractFileSystem) -> None:
-    fin = weakref.finalize(store, _close_s3_session, fs)
-    fin.atexit = False  # run by _close_all_at_exit instead, while zarr's loop still runs
-    with _pending_lock:
-        _pending_closes.difference_update([f for f in _pending_closes if not f.alive])
-        _pending_closes.add(fin)
-
-
-def _close_s3_session(fs: fsspec.AbstractFileSystem) -> None:
-    """Close an asynchronous s3fs instance's client on the zarr event loop it was opened on (best effort)."""
-    from zarr.core.sync import loop as zarr_loop
-
-    creator = getattr(fs, "_s3creator", None)
-    loop = zarr_loop[0]
-    if creator is None or getattr(fs, "_s3", None) is None or loop is None or not loop.is_running():
-        return
-    fs._s3 = None  # should anything still use this filesystem, s3fs opens a new client
-    coro = creator.__aexit__(None, None, None)
-    try:
-        on_loop = asyncio.get_running_loop() is loop
-    except RuntimeError:
-        on_loop = False
-    if on_loop:  # collected on the loop's own thread: it cannot wait for itself
-        loop.create_task(coro)
-        return
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(coro, loop).result(timeout=5)
+    return FsspecStore(_async_s3(), path=loc.path, read_only=read_only)
 
 
 @atexit.register
-def _close_all_at_exit() -> None:
-    with _pending_lock:
-        pending = list(_pending_closes)
-        _pending_closes.clear()
-    for fin in pending:
-        fin()  # a no-op for those already run
+def _close_async_filesystems() -> None:
+    from zarr.core.sync import loop as zarr_loop
+
+    loop = zarr_loop[0]
+    with _async_lock:
+        filesystems = list(_async_filesystems.values())
+        _async_filesystems.clear()
+    for fs in filesystems:
+        creator = getattr(fs, "_s3creator", None)
+        if creator is None or getattr(fs, "_s3", None) is None or loop is None or not loop.is_running():
+            continue
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(creator.__aexit__(None, None, None), loop).result(timeout=5)
 
 
 def check_bucket(loc: StoreLocation, fs: fsspec.AbstractFileSystem) -> None:

@@ -143,9 +143,11 @@ class ActivationStore:
         rows = rows_per_chunk or default_rows_per_chunk(num_layers, d_model, dtype)
         if rows < 1:
             raise StoreError(f"rows_per_chunk must be positive (got {rows})")
+        reserved = {"num_layers", "d_model", "dtype", "format_version", "rows_committed", "created_at"} & info.keys()
+        if reserved:
+            raise StoreError(f"store metadata {sorted(reserved)} is set by the store itself, not by the caller")
+        check_destination(loc.url, overwrite)
         with storage_errors(loc.url, "create the store"):
-            if store_exists(loc.url) and not overwrite:
-                raise StoreError(f"{loc.url} already exists; pass --overwrite to replace it")
             group = zarr.open_group(zarr_store(loc, read_only=False), mode="w", zarr_format=3)
             compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
             storage_np = DTYPES[dtype][0]
@@ -384,6 +386,25 @@ def store_exists(url: str) -> bool:
         return False
 
 
+def check_destination(url: str, overwrite: bool) -> None:
+    """Refuse to create a store where one exists (unless `overwrite`) or where other data lives (always: creating
+    a store clears its location, and nothing that is not a store is ours to delete)."""
+    from clt_core.data.storage import filesystem
+
+    if store_exists(url):
+        if not overwrite:
+            raise StoreError(f"{url} already exists; pass --overwrite to replace it")
+        return
+    loc = parse_url(url)
+    with storage_errors(loc.url, "check the destination"):
+        fs = filesystem(loc)
+        occupied = fs.exists(loc.path) and (not fs.isdir(loc.path) or bool(fs.ls(loc.path)))
+    if occupied:
+        raise StoreError(
+            f"{loc.url} exists and is not an activation store; refusing to replace it: choose a new or empty location"
+        )
+
+
 class StoreWriter:
     """Appends rows to a store in whole chunks, committing after the data is written.
 
@@ -435,7 +456,11 @@ class StoreWriter:
             if ids.shape != (n,):
                 raise StoreError(f"token_ids has shape {ids.shape}, expected ({n},)")
         if n:
-            self._buffer.append((to_storage(inputs, st.dtype), to_storage(targets, st.dtype), ids))
+            block = (to_storage(inputs, st.dtype), to_storage(targets, st.dtype), ids)
+            if self.rows_buffered + n < st.rows_per_chunk:
+                # Rows that wait in the buffer must not alias the caller's arrays, which it may reuse.
+                block = tuple(np.array(a, copy=True) for a in block)
+            self._buffer.append(block)
         if self.rows_buffered >= st.rows_per_chunk:
             self._flush(full_chunks_only=True)
 
@@ -443,7 +468,10 @@ class StoreWriter:
         st = self.store
         if not self._buffer:
             return
-        inputs, targets, ids = (np.concatenate(parts) for parts in zip(*self._buffer, strict=True))
+        # One buffered block is used as it is: concatenating would copy it.
+        inputs, targets, ids = (
+            parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in zip(*self._buffer, strict=True)
+        )
         n_write = len(ids) - len(ids) % st.rows_per_chunk if full_chunks_only else len(ids)
         if n_write == 0:
             self._buffer = [(inputs, targets, ids)]
@@ -465,7 +493,7 @@ class StoreWriter:
         # A partial tail chunk stays buffered: it is rewritten, whole, when more rows arrive.
         keep_from = n_write - stop % st.rows_per_chunk
         self._write_pos = start + keep_from
-        rest = (inputs[keep_from:], targets[keep_from:], ids[keep_from:])
+        rest = (inputs[keep_from:].copy(), targets[keep_from:].copy(), ids[keep_from:].copy())
         self._buffer = [rest] if len(rest[2]) else []
 
     def close(self) -> None:

@@ -169,11 +169,12 @@ def test_existing_destination_is_refused_unless_overwrite(src: str, tmp_path: Pa
     assert np.array_equal(read_all(dst)[2][permutation(ROWS, 2)], np.arange(ROWS))
 
 
-def test_non_empty_directory_is_refused(src: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_non_empty_directory_is_refused_even_with_overwrite(src: str, tmp_path: Path, overwrite: bool) -> None:
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "notes.txt").write_text("keep me")
-    with pytest.raises(StoreError, match="--overwrite"):
-        scramble_store(src, str(tmp_path / "dst"), cfg(), progress=False)
+    with pytest.raises(StoreError, match="not an activation store"):
+        scramble_store(src, str(tmp_path / "dst"), cfg(), overwrite=overwrite, progress=False)
     assert (tmp_path / "dst" / "notes.txt").read_text() == "keep me"
 
 

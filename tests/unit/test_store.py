@@ -456,3 +456,30 @@ def test_store_info_keeps_unknown_fields() -> None:
 
 if __name__ == "__main__":
     _writer_main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_create_never_clears_a_directory_that_is_not_a_store(tmp_path: Path, overwrite: bool) -> None:
+    target = tmp_path / "data"
+    target.mkdir()
+    (target / "precious.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not an activation store"):
+        ActivationStore.create(str(target), num_layers=2, d_model=4, overwrite=overwrite)
+    assert (target / "precious.txt").read_text() == "mine"
+
+
+def test_create_refuses_metadata_the_store_owns(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="rows_committed"):
+        ActivationStore.create(str(tmp_path / "s"), num_layers=2, d_model=4, rows_committed=5)
+
+
+def test_writer_keeps_no_reference_to_rows_the_caller_reuses(tmp_path: Path) -> None:
+    store = ActivationStore.create(str(tmp_path / "s"), num_layers=2, d_model=4, dtype="float32", rows_per_chunk=8)
+    block = torch.zeros(5, 2, 4)
+    expected = []
+    with store.writer() as w:
+        for i in range(7):  # 35 rows: buffered remainders sit in the writer between appends
+            block.fill_(float(i))
+            expected.append(block.clone())
+            w.append(block, block, torch.arange(5 * i, 5 * i + 5))
+    assert torch.equal(ActivationStore.open(store.url).read(0, 35).inputs, torch.cat(expected))
