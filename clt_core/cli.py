@@ -31,6 +31,11 @@ def _info(args: argparse.Namespace) -> int:
         "norm_stats_rows": ns.count if ns else None,
         **store.info.model_dump(mode="json"),
     }
+    if not args.full:  # bulky provenance records (e.g. hdf5_source) would bury the summary
+        for key, value in summary.items():
+            text = json.dumps(value)
+            if len(text) > 300:
+                summary[key] = f"<{len(text):,} characters; clt info --full shows it>"
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -132,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("info", _info, "Print a store's metadata and geometry as JSON.")
     p.add_argument("url", help="store URL: PATH, file://PATH or s3://BUCKET/PREFIX")
+    p.add_argument("--full", action="store_true", help="also print long provenance records in full")
 
     p = command("verify", _verify, "Check a store's metadata, shapes, chunks and values; exit 1 on problems.")
     p.add_argument("url")
