@@ -27,7 +27,7 @@ from pydantic import Field
 
 from clt_core.config import Config
 from clt_core.data.norm_stats import NormStats
-from clt_core.data.store import ActivationRows, ActivationStore, from_storage
+from clt_core.data.store import ActivationRows, ActivationStore
 from clt_core.errors import ConfigError, StoreError
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -48,8 +48,9 @@ class SamplerConfig(Config):
     normalization_method: Literal["auto", "mean_std", "none"] = "auto"
     """`mean_std`: standardise inputs and targets with the store's norm stats (error if absent); `auto`: do so when
     the store has norm stats; `none`: raw activations."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the batches handed to the caller."""
+    dtype: Literal["store", "float32", "bfloat16", "float16"] = "store"
+    """Dtype of the batches: `store` keeps the store's dtype (normalised bf16 loses nothing the bf16 store kept,
+    and moves half the bytes of float32); ask for float32 to get it converted here."""
     prefetch_windows: int = Field(2, ge=1)
     """Windows prepared ahead by the background thread."""
     read_workers: int = Field(8, ge=1)
@@ -105,6 +106,10 @@ def make_normalizer(store: ActivationStore, method: str) -> Normalizer | None:
     return Normalizer(stats)
 
 
+def output_dtype(store: ActivationStore, config: SamplerConfig) -> torch.dtype:
+    return store.torch_dtype if config.dtype == "store" else OUTPUT_DTYPES[config.dtype]
+
+
 def _prepare(rows: ActivationRows, normalizer: Normalizer | None, dtype: torch.dtype) -> ActivationRows:
     inputs, targets = rows.inputs, rows.targets
     if normalizer is not None:
@@ -140,7 +145,7 @@ class ActivationSampler:
                 f"buffer_chunks={config.buffer_chunks}, fewer than world_size={world_size}; lower buffer_chunks"
             )
         self.normalizer = make_normalizer(store, config.normalization_method)
-        self.dtype = OUTPUT_DTYPES[config.dtype]
+        self.dtype = output_dtype(store, config)
         self.position = 0
         self._thread: threading.Thread | None = None
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_windows)
@@ -181,37 +186,41 @@ class ActivationSampler:
             yield from self._epoch_windows(epoch)[number:]
             epoch, number = epoch + 1, 0
 
-    def _start_reads(self, window: _Window) -> list[Future]:
-        return [self._pool.submit(self.store.read_storage, *self.store.chunk_rows(c)) for c in window.chunks]
-
-    def _assemble(self, window: _Window, reads: list[Future]) -> ActivationRows:
-        """Scatter the window's chunks to their permuted rows as they arrive, then normalise and convert."""
+    def _start_reads(self, window: _Window) -> tuple[ActivationRows, list[Future]]:
+        """Allocate the window and let reader threads fill it: each reads a chunk, normalises and converts it, and
+        copies its rows to their permuted positions (disjoint per chunk), so all of it runs in parallel."""
         store = self.store
         dest = torch.from_numpy(
             np.random.default_rng([self.config.seed, window.epoch, window.index]).permutation(window.rows)
         )
         shape = (window.rows, store.num_layers, store.d_model)
-        inputs = torch.empty(shape, dtype=store.torch_dtype)
-        targets = torch.empty(shape, dtype=store.torch_dtype)
-        ids = torch.empty(window.rows, dtype=torch.int32)
-        offset = 0
-        for future in reads:
-            chunk_inputs, chunk_targets, chunk_ids = future.result()
-            rows = dest[offset : offset + len(chunk_ids)]
-            offset += len(chunk_ids)
-            inputs.index_copy_(0, rows, from_storage(chunk_inputs, store.dtype))
-            targets.index_copy_(0, rows, from_storage(chunk_targets, store.dtype))
-            ids.index_copy_(0, rows, torch.from_numpy(chunk_ids))
-        return _prepare(ActivationRows(inputs, targets, ids), self.normalizer, self.dtype)
+        rows = ActivationRows(
+            torch.empty(shape, dtype=self.dtype),
+            torch.empty(shape, dtype=self.dtype),
+            torch.empty(window.rows, dtype=torch.int32),
+        )
+        reads, offset = [], 0
+        for chunk in window.chunks:
+            lo, hi = store.chunk_rows(chunk)
+            reads.append(self._pool.submit(self._fill, rows, dest[offset : offset + hi - lo], lo, hi))
+            offset += hi - lo
+        return rows, reads
+
+    def _fill(self, window: ActivationRows, positions: torch.Tensor, lo: int, hi: int) -> None:
+        chunk = _prepare(self.store.read(lo, hi), self.normalizer, self.dtype)
+        for out, part in zip(window, chunk, strict=True):
+            out.index_copy_(0, positions, part)
 
     def _produce(self, epoch: int, number: int) -> None:
         """Background loop: the next window's chunks are read while the current one is assembled."""
         try:
-            pending: tuple[_Window, list[Future]] | None = None
+            pending: tuple[ActivationRows, list[Future]] | None = None
             for window in self._windows_from(epoch, number):
-                reads = self._start_reads(window)
+                started = self._start_reads(window)
                 if pending is not None:
-                    item = self._assemble(*pending)
+                    item, reads = pending
+                    for read in reads:
+                        read.result()
                     while not self._stop.is_set():
                         try:
                             self._queue.put(item, timeout=0.1)
@@ -220,7 +229,7 @@ class ActivationSampler:
                             continue
                 if self._stop.is_set():
                     return
-                pending = (window, reads)
+                pending = started
         except BaseException as exc:  # surfaced in the consumer
             self._queue.put(exc)
 
@@ -333,7 +342,7 @@ def holdout_batches(
     if len(held) == 0:
         raise StoreError(f"{store.url}: no held-out chunks; set holdout_fraction > 0")
     normalizer = make_normalizer(store, config.normalization_method)
-    dtype = OUTPUT_DTYPES[config.dtype]
+    dtype = output_dtype(store, config)
     size = batch_size or config.batch_size
     budget = max_rows if max_rows is not None else store.num_rows
     buffer: list[ActivationRows] = []

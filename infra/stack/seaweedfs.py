@@ -62,14 +62,18 @@ def weed_binary() -> str:
 
 
 def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    import s3fs
+    """Poll until every bucket is listed. boto3, not s3fs: an s3fs client collected later on another thread's
+    event loop would print asyncio errors."""
+    import boto3
+    from botocore.config import Config
 
-    fs = s3fs.S3FileSystem(
-        key=server.access_key,
-        secret=server.secret_key,
+    client = boto3.client(
+        "s3",
         endpoint_url=server.endpoint,
-        skip_instance_cache=True,
-        config_kwargs={"connect_timeout": 1, "retries": {"max_attempts": 1}},
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        region_name="us-east-1",
+        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
     )
     deadline = time.monotonic() + timeout
     last: Exception | None = None
@@ -77,7 +81,8 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout: fl
         if proc.poll() is not None:
             raise RuntimeError(f"SeaweedFS exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
-            if set(server.buckets) <= {b.rstrip("/") for b in fs.ls("/", refresh=True)}:
+            if set(server.buckets) <= {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                client.close()
                 return
         except Exception as exc:  # still starting
             last = exc

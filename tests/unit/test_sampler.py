@@ -176,3 +176,14 @@ def test_sampler_on_s3_matches_the_local_copy(tmp_path: Path, s3_url: str) -> No
     with ActivationSampler(local, raw()) as a, ActivationSampler(remote, raw()) as b:
         for x, y in zip(take(a, 12), take(b, 12), strict=True):
             assert torch.equal(x, y)
+
+
+def test_batches_come_in_the_store_dtype_unless_asked_otherwise(tmp_path: Path) -> None:
+    store = ActivationStore.create(str(tmp_path / "bf"), num_layers=L, d_model=D, rows_per_chunk=16)
+    with store.writer() as w:
+        w.append(torch.randn(64, L, D), torch.randn(64, L, D), torch.arange(64))
+    store = ActivationStore.open(store.url)
+    with ActivationSampler(store, SamplerConfig(batch_size=8, buffer_chunks=2)) as sampler:
+        assert next(sampler).inputs.dtype == torch.bfloat16
+    with ActivationSampler(store, SamplerConfig(batch_size=8, buffer_chunks=2, dtype="float32")) as sampler:
+        assert next(sampler).inputs.dtype == torch.float32
