@@ -288,9 +288,25 @@ class ActivationStore:
             raise IndexError(f"rows [{start}, {stop}) outside the committed rows [0, {self.num_rows})")
         with storage_errors(self.url, f"read rows {start}..{stop}"):
             futures = [_io_pool.submit(_read_slice, a, start, stop) for a in (self.inputs, self.targets)]
-            token_ids = _read_slice(self.token_ids, start, stop)
-            inputs, targets = (f.result() for f in futures)
+            try:
+                token_ids = _read_slice(self.token_ids, start, stop)
+                inputs, targets = (f.result() for f in futures)
+            except (RuntimeError, ValueError) as err:  # what zarr's codecs raise on corrupt bytes
+                raise StoreError(
+                    f"{self.url}: rows {start}..{stop} cannot be decoded ({err}); the store is corrupt: "
+                    f"`clt verify {self.url}` lists the bad chunks"
+                ) from None
         return inputs, targets, token_ids
+
+    def require(self, *, num_layers: int | None = None, d_model: int | None = None, dtype: str | None = None) -> None:
+        """Refuse a store whose geometry differs from what a config or model expects."""
+        expected = {"num_layers": num_layers, "d_model": d_model, "dtype": dtype}
+        for name, want in expected.items():
+            have = getattr(self.info, name)
+            if want is not None and have != want:
+                raise StoreError(
+                    f"{self.url}: the store has {name}={have}, but {want} is expected; use a matching store"
+                )
 
     def read(self, start: int, stop: int) -> ActivationRows:
         """Rows [start, stop) as torch tensors in the logical dtype."""

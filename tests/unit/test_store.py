@@ -483,3 +483,24 @@ def test_writer_keeps_no_reference_to_rows_the_caller_reuses(tmp_path: Path) -> 
             expected.append(block.clone())
             w.append(block, block, torch.arange(5 * i, 5 * i + 5))
     assert torch.equal(ActivationStore.open(store.url).read(0, 35).inputs, torch.cat(expected))
+
+
+def test_reading_a_corrupt_chunk_is_a_store_error_that_points_to_verify(tmp_path: Path) -> None:
+    store = ActivationStore.create(str(tmp_path / "s"), num_layers=2, d_model=4, rows_per_chunk=8)
+    with store.writer() as w:
+        w.append(torch.randn(24, 2, 4), torch.randn(24, 2, 4), torch.arange(24))
+    chunk = tmp_path / "s" / "inputs" / "c" / "1" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    reopened = ActivationStore.open(store.url)
+    assert torch.equal(reopened.read(0, 8).token_ids, torch.arange(8, dtype=torch.int32))  # other chunks still read
+    with pytest.raises(StoreError, match=r"rows 8\.\.16 cannot be decoded.*clt verify"):
+        reopened.read(8, 16)
+
+
+def test_require_refuses_a_store_of_other_geometry(tmp_path: Path) -> None:
+    store = ActivationStore.create(str(tmp_path / "s"), num_layers=2, d_model=4)
+    store.require(num_layers=2, d_model=4, dtype="bfloat16")
+    with pytest.raises(StoreError, match="d_model=4, but 8 is expected"):
+        store.require(d_model=8)
+    with pytest.raises(StoreError, match="num_layers=2, but 3"):
+        store.require(num_layers=3)
