@@ -31,6 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from clt_core.cache import cache_dir
 from clt_core.errors import CLTError
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,6 @@ class LoadedModel:
     max_context: int | None  # config.max_position_embeddings (n_positions for GPT-2); None if the model has no limit
     path: Path  # the directory (or GGUF file) the weights were loaded from
     revision: str | None = None  # hub commit for hub models
-
-
-def cache_dir() -> Path:
-    """Where converted models and weight hashes are kept: $CLT_CACHE_DIR, else ~/.cache/clt-pipeline."""
-    env = os.environ.get("CLT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "clt-pipeline"
 
 
 def smollm2_gguf_path() -> Path:

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 from pydantic import Field
 
+from clt_core.cache import cache_dir
 from clt_core.config import Config
 from clt_core.errors import CLTError, ConfigError
 
@@ -304,13 +305,6 @@ def _first_line(err: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Packaged corpora
-
-
-def cache_dir() -> Path:
-    """Where downloaded corpora live: `$CLT_CACHE_DIR`, else `$XDG_CACHE_HOME/clt-pipeline` (~/.cache/clt-pipeline)."""
-    if os.environ.get("CLT_CACHE_DIR"):
-        return Path(os.environ["CLT_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "clt-pipeline"
 
 
 def kjv_path() -> Path:
