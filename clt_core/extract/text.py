@@ -554,10 +554,11 @@ def _bos_id(tokenizer: PreTrainedTokenizerBase, bos_token: str | None) -> int:
         if tokenizer.bos_token_id is None:
             raise ConfigError("the tokenizer has no BOS token; set bos_token, or add_bos: false")
         return int(tokenizer.bos_token_id)
-    ids = tokenizer(bos_token, add_special_tokens=False, split_special_tokens=False)["input_ids"]
-    if len(ids) != 1 or ids[0] == tokenizer.unk_token_id:
+    # A vocabulary lookup: tokenising the text of a special token may split it.
+    token_id = tokenizer.convert_tokens_to_ids(bos_token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and bos_token != tokenizer.unk_token):
         raise ConfigError(f"bos_token {bos_token!r} is not a single token of this tokenizer")
-    return int(ids[0])
+    return int(token_id)
 
 
 def _make_window(text_ids: np.ndarray, bos: int | None, special: np.ndarray, index: int) -> PackedWindow:

@@ -89,10 +89,11 @@ class BackgroundWriter:
         self._thread.join()
         self._raise_if_failed()
         self._writer.close()
-        dtype = self.store.dtype
-        for inputs, targets in self._pending:
-            if len(inputs):
-                self.stats.update(from_storage(inputs, dtype), from_storage(targets, dtype))
+        if self._pending_rows:  # the last, partial chunk: one block, as a separate pass would read it
+            dtype = self.store.dtype
+            inputs = np.concatenate([p[0] for p in self._pending])
+            targets = np.concatenate([p[1] for p in self._pending])
+            self.stats.update(from_storage(inputs, dtype), from_storage(targets, dtype))
         self._pending, self._pending_rows = [], 0
 
     def abort(self) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import MAX_CONTEXT, TINY_CONFIGS, tiny_gpt2, tiny_llama, tiny_model
+from tiny_models import MAX_CONTEXT, TINY_CONFIGS, tiny_gpt2, tiny_model
 
 from clt_core.errors import CLTError
 from clt_core.extract import models
@@ -24,22 +24,6 @@ from clt_core.extract.models import (
     hash_files,
     resolve_model,
 )
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny GPT-2 and Llama saved with their tokenizer, built once per session (~0.5 s)."""
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {"gpt2": tiny_gpt2(root / "gpt2"), "llama": tiny_llama(root / "llama")}
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path | None:
-    """Keep hashes and conversions out of the user's cache, except in slow tests, which reuse the real cache."""
-    if request.node.get_closest_marker("slow"):
-        return None
-    monkeypatch.setenv("CLT_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def sha256(path: Path) -> str:

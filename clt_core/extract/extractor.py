@@ -1,0 +1,232 @@
+"""Extraction: run a causal LM over packed text through nnsight and write every layer's MLP input and output.
+
+One forward per batch of context windows, stopped right after the last captured module (the LM head never runs);
+the rows at kept positions go to a background writer, so writing overlaps the next forward. The store's metadata
+records what produced it; a restarted extraction with the same settings continues at `rows_committed` and ends with
+the same store (rows, token ids and norm stats) as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from tqdm import tqdm
+
+from clt_core.config import Config
+from clt_core.data.norm_stats import NormStatsAccumulator
+from clt_core.data.store import ActivationStore, DType, store_exists
+from clt_core.errors import ConfigError, StoreError
+from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, resolve_model
+from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, limit_rows, skip_rows
+from clt_core.extract.writer import BackgroundWriter
+
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Aliases whose tokenizer reports a BOS the model was not trained to start documents with.
+DEFAULT_BOS = {"smollm2-135m": "<|endoftext|>"}
+
+
+class ExtractConfig(Config):
+    """What to extract, from which model and text, and how."""
+
+    model: str = "smollm2-135m"
+    """A local model directory, a GGUF file, a Hugging Face hub id, or the alias `smollm2-135m`."""
+    text: TextConfig = TextConfig()
+    """The corpus and how it is packed (see TextConfig); `--text SOURCE` sets `text.source`."""
+    tokens: int = Field(100_000, ge=1)
+    """Token rows to write, exactly (BOS and special-token positions are not rows)."""
+    context_size: int = Field(128, ge=2)
+    """Tokens per window, including the BOS."""
+    batch_size: int = Field(8, ge=1)
+    """Windows per forward pass."""
+    storage_dtype: DType = "bfloat16"
+    """Dtype of the stored activations."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the model runs in."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
+    input_template: str | None = None
+    """Module path of the MLP input with `{layer}` (default: the architecture's preset)."""
+    output_template: str | None = None
+    """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
+    chunk_rows: int | None = Field(None, ge=1)
+    """Rows per store chunk (default: about 4 MiB per chunk)."""
+
+
+@dataclass
+class ExtractSummary:
+    url: str
+    rows: int
+    rows_this_run: int
+    seconds: float
+    resumed_from: int
+
+    def __str__(self) -> str:
+        rate = self.rows_this_run / self.seconds if self.seconds else 0.0
+        resumed = f", resumed at row {self.resumed_from:,}" if self.resumed_from else ""
+        return (
+            f"extracted {self.rows_this_run:,} rows in {self.seconds:.1f} s ({rate:,.0f} tokens/s){resumed}; "
+            f"{self.url} holds {self.rows:,} rows with norm stats"
+        )
+
+
+def _device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
+    return spec
+
+
+def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoints) -> dict[str, Any]:
+    """What the store records about its origin; a resumed run must match it."""
+    return {
+        "model": {
+            "name": loaded.name,
+            "architecture": loaded.architecture,
+            "weights_hash": loaded.weights_hash,
+            "revision": loaded.revision,
+        },
+        "context_size": config.context_size,
+        "hook_templates": points.as_dict(),
+        "text_dataset": config.text.source,
+        "extraction": {
+            "tokens": config.tokens,
+            "text": config.text.model_dump(mode="json"),
+            "compute_dtype": config.compute_dtype,
+        },
+    }
+
+
+def _open_or_create(
+    url: str, config: ExtractConfig, loaded: LoadedModel, provenance: dict[str, Any], overwrite: bool
+) -> ActivationStore:
+    if store_exists(url) and not overwrite:
+        store = ActivationStore.open(url, mode="a")
+        store.require(num_layers=loaded.num_layers, d_model=loaded.d_model, dtype=config.storage_dtype)
+        recorded = store.info.model_dump(mode="json")
+        for key, value in provenance.items():
+            if recorded.get(key) != value:
+                raise StoreError(
+                    f"{store.url} was extracted with other settings ({key}: {recorded.get(key)!r}, now {value!r}); "
+                    "resume with the same settings, or pass --overwrite to start over"
+                )
+        return store
+    return ActivationStore.create(
+        url,
+        num_layers=loaded.num_layers,
+        d_model=loaded.d_model,
+        dtype=config.storage_dtype,
+        rows_per_chunk=config.chunk_rows,
+        overwrite=overwrite,
+        **provenance,
+    )
+
+
+def _batches(windows: Iterator[PackedWindow], size: int) -> Iterator[list[PackedWindow]]:
+    batch: list[PackedWindow] = []
+    for window in windows:
+        batch.append(window)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class NNsightCapture:
+    """Reads every layer's MLP input and output in one traced forward that stops after the last of them."""
+
+    def __init__(self, model: torch.nn.Module, points: CapturePoints) -> None:
+        from nnsight import NNsight
+
+        self.traced = NNsight(model)
+        self.points = points
+
+    def _module(self, name: str) -> Any:
+        node = self.traced
+        for part in name.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
+    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[B, T]` token ids -> inputs and targets `[B, T, L, d]`."""
+        points = self.points
+        saved: list[Any] = []
+        with torch.inference_mode(), self.traced.trace(input_ids) as tracer:
+            for layer in range(points.num_layers):
+                source = self._module(points.input_name(layer))
+                sink = self._module(points.output_name(layer))
+                saved.append(getattr(source, points.input_kind).save())
+                saved.append(getattr(sink, points.output_kind).save())
+            tracer.stop()
+        inputs = torch.stack([_tensor(t) for t in saved[0::2]], dim=2)
+        targets = torch.stack([_tensor(t) for t in saved[1::2]], dim=2)
+        return inputs, targets
+
+
+def _tensor(value: Any) -> torch.Tensor:
+    """A module's input is saved as its first positional argument; some outputs are tuples."""
+    while isinstance(value, tuple | list):
+        value = value[0]
+    return value
+
+
+def extract(url: str, config: ExtractConfig, *, overwrite: bool = False, progress: bool = True) -> ExtractSummary:
+    """Extract `config.tokens` rows into the store at `url`, resuming it if it holds a partial run."""
+    start_time = time.perf_counter()
+    device = _device(config.device)
+    loaded = resolve_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype], device=device)
+    if loaded.max_context is not None and config.context_size > loaded.max_context:
+        raise ConfigError(
+            f"context_size {config.context_size} is larger than {loaded.name}'s maximum of {loaded.max_context}"
+        )
+    points = capture_points(loaded.model, config.input_template, config.output_template)
+    text = config.text
+    if text.bos_token is None and text.add_bos and config.model.lower() in DEFAULT_BOS:
+        text = text.model_copy(update={"bos_token": DEFAULT_BOS[config.model.lower()]})
+    provenance = _provenance(config.model_copy(update={"text": text}), loaded, points)
+
+    available = corpus_rows(text, loaded.tokenizer, config.context_size, limit=config.tokens)
+    if available.rows < config.tokens:
+        raise ConfigError(
+            f"--tokens {config.tokens:,} is more than the corpus {text.source!r} holds at context size "
+            f"{config.context_size}: {available.rows:,} rows; lower --tokens or add text"
+        )
+    store = _open_or_create(url, config, loaded, provenance, overwrite)
+    done = store.num_rows
+    stats = NormStatsAccumulator(store.num_layers, store.d_model)
+    if done >= config.tokens:
+        return ExtractSummary(store.url, done, 0, time.perf_counter() - start_time, done)
+    for rows in store.iter_chunks(0, done // store.rows_per_chunk):  # refold committed chunks, in order
+        stats.update(rows.inputs, rows.targets)
+
+    windows = skip_rows(limit_rows(iter_windows(text, loaded.tokenizer, config.context_size), config.tokens), done)
+    capture = NNsightCapture(loaded.model, points)
+    writer = BackgroundWriter(store, stats)
+    bar = tqdm(total=config.tokens, initial=done, unit="tok", unit_scale=True, desc="extract", disable=not progress)
+    row_mb = store.row_bytes / 1e6
+    written = 0
+    try:
+        for batch in _batches(windows, config.batch_size):
+            ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(device)
+            keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(device)
+            inputs, targets = capture(ids)
+            writer.put(inputs[keep].cpu(), targets[keep].cpu(), ids[keep].cpu())
+            n = int(keep.sum())
+            written += n
+            bar.update(n)
+            bar.set_postfix_str(f"{written * row_mb:,.0f} MB written")
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    store.write_norm_stats(stats.result())
+    return ExtractSummary(store.url, store.num_rows, written, time.perf_counter() - start_time, done)
