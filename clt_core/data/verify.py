@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clt_core.data.shards import describe_progress
 from clt_core.data.storage import filesystem, storage_errors
 from clt_core.errors import StoreError
 
@@ -165,7 +166,9 @@ def _check_metadata(store: ActivationStore, report: VerifyReport) -> None:
         report.problems.append(f"'token_ids' is {ids.dtype} with shape {ids.shape}; the format needs a 1-D int32 array")
     lengths = {a.basename: a.shape[0] for a in (store.inputs, store.targets, ids)}
     extra = max(lengths.values()) - store.num_rows
-    if extra > 0:
+    if (sharded := describe_progress(store)) is not None:
+        report.warnings.append(sharded)
+    elif extra > 0:
         sizes = ", ".join(f"{k} {v:,}" for k, v in lengths.items())
         report.warnings.append(
             f"the arrays are longer than rows_committed={store.num_rows:,} ({sizes}): an interrupted write; the "

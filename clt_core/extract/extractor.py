@@ -3,14 +3,15 @@
 One forward per batch of context windows, stopped right after the last captured module (the LM head never runs);
 the rows at kept positions go to a background writer, so writing overlaps the next forward. The store's metadata
 records what produced it; a restarted extraction with the same settings continues at `rows_committed` and ends with
-the same store (rows, token ids and norm stats) as an uninterrupted run.
+the same store (rows, token ids and norm stats) as an uninterrupted run. With `shard=Shard(i, n)`, n processes fill
+disjoint row ranges of one store (see `clt_core.data.shards`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -20,10 +21,19 @@ from tqdm import tqdm
 
 from clt_core.config import Config
 from clt_core.data.norm_stats import NormStatsAccumulator
-from clt_core.data.store import ActivationStore, DType, store_exists
+from clt_core.data.shards import (
+    Shard,
+    ShardProgress,
+    finish,
+    read_progress,
+    record_done,
+    record_progress,
+    shards_done,
+)
+from clt_core.data.store import ActivationStore, DType
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, resolve_model
-from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, limit_rows, skip_rows
+from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, rows_between
 from clt_core.extract.writer import BackgroundWriter
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -62,17 +72,24 @@ class ExtractConfig(Config):
 class ExtractSummary:
     url: str
     rows: int
+    """Rows the store holds (committed) at the end of this run."""
     rows_this_run: int
     seconds: float
     resumed_from: int
+    """Rows of this run's range already written before it started."""
+    shard: Shard = field(default_factory=Shard)
+    shards_done: int = 1
 
     def __str__(self) -> str:
         rate = self.rows_this_run / self.seconds if self.seconds else 0.0
-        resumed = f", resumed at row {self.resumed_from:,}" if self.resumed_from else ""
-        return (
-            f"extracted {self.rows_this_run:,} rows in {self.seconds:.1f} s ({rate:,.0f} tokens/s){resumed}; "
-            f"{self.url} holds {self.rows:,} rows with norm stats"
-        )
+        resumed = f", resumed after {self.resumed_from:,} rows" if self.resumed_from else ""
+        line = f"extracted {self.rows_this_run:,} rows in {self.seconds:.1f} s ({rate:,.0f} tokens/s){resumed}; "
+        if self.shards_done < self.shard.count:
+            return line + (
+                f"shard {self.shard.index}/{self.shard.count} done, {self.shards_done} of {self.shard.count} shards "
+                f"finished; the store is committed when the last one finishes"
+            )
+        return line + f"{self.url} holds {self.rows:,} rows with norm stats"
 
 
 def _device(spec: str) -> str:
@@ -83,7 +100,7 @@ def _device(spec: str) -> str:
     return spec
 
 
-def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoints) -> dict[str, Any]:
+def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoints, shards: int) -> dict[str, Any]:
     """What the store records about its origin; a resumed run must match it."""
     return {
         "model": {
@@ -99,33 +116,37 @@ def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoint
             "tokens": config.tokens,
             "text": config.text.model_dump(mode="json"),
             "compute_dtype": config.compute_dtype,
+            "shards": shards,
         },
     }
 
 
 def _open_or_create(
-    url: str, config: ExtractConfig, loaded: LoadedModel, provenance: dict[str, Any], overwrite: bool
+    url: str, config: ExtractConfig, loaded: LoadedModel, provenance: dict[str, Any], overwrite: bool, sharded: bool
 ) -> ActivationStore:
-    if store_exists(url) and not overwrite:
-        store = ActivationStore.open(url, mode="a")
-        store.require(num_layers=loaded.num_layers, d_model=loaded.d_model, dtype=config.storage_dtype)
-        recorded = store.info.model_dump(mode="json")
-        for key, value in provenance.items():
-            if recorded.get(key) != value:
-                raise StoreError(
-                    f"{store.url} was extracted with other settings ({key}: {recorded.get(key)!r}, now {value!r}); "
-                    "resume with the same settings, or pass --overwrite to start over"
-                )
-        return store
-    return ActivationStore.create(
+    """The store to write: a new one, or (same settings only) the one a previous or sibling run began. Creating
+    with `exist_ok` also completes a store whose creation was killed, and lets shards that start together all
+    create it."""
+    store = ActivationStore.create(
         url,
         num_layers=loaded.num_layers,
         d_model=loaded.d_model,
         dtype=config.storage_dtype,
         rows_per_chunk=config.chunk_rows,
         overwrite=overwrite,
+        exist_ok=not overwrite,
+        reserve_rows=config.tokens if sharded else 0,
         **provenance,
     )
+    store.require(num_layers=loaded.num_layers, d_model=loaded.d_model, dtype=config.storage_dtype)
+    recorded = store.info.model_dump(mode="json")
+    for key, value in provenance.items():
+        if recorded.get(key) != value:
+            raise StoreError(
+                f"{store.url} was extracted with other settings ({key}: {recorded.get(key)!r}, now {value!r}); "
+                "resume with the same settings, or pass --overwrite to start over"
+            )
+    return store
 
 
 def _batches(windows: Iterator[PackedWindow], size: int) -> Iterator[list[PackedWindow]]:
@@ -177,9 +198,16 @@ def _tensor(value: Any) -> torch.Tensor:
     return value
 
 
-def extract(url: str, config: ExtractConfig, *, overwrite: bool = False, progress: bool = True) -> ExtractSummary:
-    """Extract `config.tokens` rows into the store at `url`, resuming it if it holds a partial run."""
+def extract(
+    url: str, config: ExtractConfig, *, shard: Shard | None = None, overwrite: bool = False, progress: bool = True
+) -> ExtractSummary:
+    """Extract `config.tokens` rows into the store at `url` (or shard `shard`'s range of them), resuming a partial
+    run. A sharded store is committed, with its norm stats, by whichever shard finishes last."""
     start_time = time.perf_counter()
+    shard = shard or Shard()
+    sharded = shard.count > 1
+    if sharded and overwrite:
+        raise ConfigError("--overwrite with --shard would delete the other shards' rows; delete the store first")
     device = _device(config.device)
     loaded = resolve_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype], device=device)
     if loaded.max_context is not None and config.context_size > loaded.max_context:
@@ -190,7 +218,7 @@ def extract(url: str, config: ExtractConfig, *, overwrite: bool = False, progres
     text = config.text
     if text.bos_token is None and text.add_bos and config.model.lower() in DEFAULT_BOS:
         text = text.model_copy(update={"bos_token": DEFAULT_BOS[config.model.lower()]})
-    provenance = _provenance(config.model_copy(update={"text": text}), loaded, points)
+    provenance = _provenance(config.model_copy(update={"text": text}), loaded, points, shard.count)
 
     available = corpus_rows(text, loaded.tokenizer, config.context_size, limit=config.tokens)
     if available.rows < config.tokens:
@@ -198,18 +226,34 @@ def extract(url: str, config: ExtractConfig, *, overwrite: bool = False, progres
             f"--tokens {config.tokens:,} is more than the corpus {text.source!r} holds at context size "
             f"{config.context_size}: {available.rows:,} rows; lower --tokens or add text"
         )
-    store = _open_or_create(url, config, loaded, provenance, overwrite)
-    done = store.num_rows
-    stats = NormStatsAccumulator(store.num_layers, store.d_model)
-    if done >= config.tokens:
-        return ExtractSummary(store.url, done, 0, time.perf_counter() - start_time, done)
-    for rows in store.iter_chunks(0, done // store.rows_per_chunk):  # refold committed chunks, in order
-        stats.update(rows.inputs, rows.targets)
+    store = _open_or_create(url, config, loaded, provenance, overwrite, sharded)
+    rows = store.rows_per_chunk
+    if sharded:
+        start, stop = shard.rows(config.tokens, rows)
+        record = read_progress(store, shard) or ShardProgress(start, stop)
+        done = start + record.rows_done
+        if record.done:
+            return _finish_shard(store, config, shard, 0, time.perf_counter() - start_time, record.rows_done)
 
-    windows = skip_rows(limit_rows(iter_windows(text, loaded.tokenizer, config.context_size), config.tokens), done)
+        def commit(row: int) -> None:
+            record_progress(store, shard, ShardProgress(start, stop, row - start))
+
+        writer = store.writer(start=done, commit=commit)
+    else:
+        start, stop = 0, config.tokens
+        done = store.num_rows
+        if done >= stop:
+            return ExtractSummary(store.url, done, 0, time.perf_counter() - start_time, done)
+        writer = store.writer()
+    stats = NormStatsAccumulator(store.num_layers, store.d_model)
+    for chunk in store.iter_chunks(start // rows, done // rows, limit=done):  # refold committed chunks, in order
+        stats.update(chunk.inputs, chunk.targets)
+
+    windows = rows_between(iter_windows(text, loaded.tokenizer, config.context_size), done, stop)
     capture = NNsightCapture(loaded.model, points)
-    writer = BackgroundWriter(store, stats)
-    bar = tqdm(total=config.tokens, initial=done, unit="tok", unit_scale=True, desc="extract", disable=not progress)
+    background = BackgroundWriter(writer, stats)
+    desc = f"extract {shard.index}/{shard.count}" if sharded else "extract"
+    bar = tqdm(total=stop - start, initial=done - start, unit="tok", unit_scale=True, desc=desc, disable=not progress)
     row_mb = store.row_bytes / 1e6
     written = 0
     try:
@@ -217,16 +261,30 @@ def extract(url: str, config: ExtractConfig, *, overwrite: bool = False, progres
             ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(device)
             keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(device)
             inputs, targets = capture(ids)
-            writer.put(inputs[keep].cpu(), targets[keep].cpu(), ids[keep].cpu())
+            background.put(inputs[keep].cpu(), targets[keep].cpu(), ids[keep].cpu())
             n = int(keep.sum())
             written += n
             bar.update(n)
             bar.set_postfix_str(f"{written * row_mb:,.0f} MB written")
-        writer.close()
+        background.close()
     except BaseException:
-        writer.abort()
+        background.abort()
         raise
     finally:
         bar.close()
+    seconds = time.perf_counter() - start_time
+    if sharded:
+        record_done(store, shard, ShardProgress(start, stop), stats)
+        return _finish_shard(store, config, shard, written, seconds, done - start)
     store.write_norm_stats(stats.result())
-    return ExtractSummary(store.url, store.num_rows, written, time.perf_counter() - start_time, done)
+    return ExtractSummary(store.url, store.num_rows, written, seconds, done)
+
+
+def _finish_shard(
+    store: ActivationStore, config: ExtractConfig, shard: Shard, written: int, seconds: float, resumed_from: int
+) -> ExtractSummary:
+    """Commit the store if this was the last shard to finish; say how far the shards are."""
+    stats = finish(store.url, shard.count, config.tokens)
+    finished = shard.count if stats is not None else len(shards_done(store.url, shard.count))
+    rows = config.tokens if stats is not None else 0
+    return ExtractSummary(store.url, rows, written, seconds, resumed_from, shard, finished)

@@ -20,11 +20,10 @@ window carries a `keep` mask: positions whose activations become store rows (nev
 special tokens such as an EOS separator either). Text that spells a special token (`<|endoftext|>` in a web page) is
 tokenised as ordinary text, so the only special tokens in a window are the ones packing inserts.
 
-Row budgets, shards and resume compose on the window stream, in this order:
-`skip_rows(shard_windows(limit_rows(pack_windows(...), N), i, n), rows_done)`. `limit_rows` caps the corpus at exactly
-N kept rows (the last window keeps only what is needed), `shard_windows` deals windows round-robin (window w to shard
-w % n), and `skip_rows` drops the rows a shard has already committed, at row granularity. `count_rows` tells how many
-rows a corpus (or each shard of it) holds.
+Row budgets, shards and resume compose on the window stream: `rows_between(pack_windows(...), start, stop)` gives
+exactly the kept rows [start, stop) of the stream, at row granularity: `limit_rows` caps the stream at `stop` rows (the
+last window keeps only what is needed) and `skip_rows` drops the first `start` (a shard's start plus what it already
+committed, when resuming). `count_rows` tells how many rows a corpus holds.
 """
 
 from __future__ import annotations
@@ -102,7 +101,7 @@ class PackedWindow(NamedTuple):
     keep: np.ndarray
     """bool `[context_size]`: positions whose activations become store rows."""
     index: int
-    """Window number in the whole corpus stream (0-based), the same whatever the sharding or resume."""
+    """Window number in the whole corpus stream (0-based), the same whatever the shard or resume point."""
 
 
 class CorpusCount(NamedTuple):
@@ -114,8 +113,6 @@ class CorpusCount(NamedTuple):
     """Kept rows in them, at most `limit`."""
     exhausted: bool
     """True when the corpus ended before reaching `limit` (always, without a limit)."""
-    shard_rows: tuple[int, ...]
-    """Rows per shard when the windows are dealt round-robin to `shards` shards."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -610,15 +607,6 @@ def limit_rows(windows: Iterable[PackedWindow], rows: int) -> Iterator[PackedWin
         yield window
 
 
-def shard_windows(windows: Iterable[PackedWindow], index: int, count: int) -> Iterator[PackedWindow]:
-    """Shard `index` of `count`: windows whose corpus index is `index` mod `count`. Round-robin, so shards are
-    balanced and need no corpus size up front; every shard reads (tokenises) the whole stream, a small cost next to
-    the model's forward pass."""
-    if not 0 <= index < count:
-        raise ConfigError(f"shard {index}/{count}: the index must be in 0..{count - 1}")
-    return (w for w in windows if w.index % count == index)
-
-
 def skip_rows(windows: Iterable[PackedWindow], rows: int) -> Iterator[PackedWindow]:
     """Drop the first `rows` kept positions (those already committed, when resuming): whole windows first, then the
     first kept positions of the window where the committed rows end."""
@@ -641,25 +629,26 @@ def _keep_first(keep: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def count_rows(windows: Iterable[PackedWindow], *, limit: int | None = None, shards: int = 1) -> CorpusCount:
-    """How many rows the windows hold (stopping at `limit`), and how they fall into `shards` round-robin shards."""
-    per_shard = [0] * shards
+def rows_between(windows: Iterable[PackedWindow], start: int, stop: int) -> Iterator[PackedWindow]:
+    """The windows holding kept rows [start, stop) of the stream, their `keep` masks cut to exactly those rows."""
+    return skip_rows(limit_rows(windows, stop), start)
+
+
+def count_rows(windows: Iterable[PackedWindow], *, limit: int | None = None) -> CorpusCount:
+    """How many rows the windows hold, stopping at `limit`."""
     total = 0
     count = 0
-    if shards < 1:
-        raise ConfigError(f"shard count must be at least 1, got {shards}")
     if limit is not None and limit <= 0:
-        return CorpusCount(0, 0, False, tuple(per_shard))
+        return CorpusCount(0, 0, False)
     for window in windows:
         kept = int(window.keep.sum())
         if limit is not None:
             kept = min(kept, limit - total)
         total += kept
-        per_shard[window.index % shards] += kept
         count += 1
         if limit is not None and total >= limit:
-            return CorpusCount(count, total, False, tuple(per_shard))
-    return CorpusCount(count, total, True, tuple(per_shard))
+            return CorpusCount(count, total, False)
+    return CorpusCount(count, total, True)
 
 
 def corpus_rows(
@@ -668,8 +657,7 @@ def corpus_rows(
     context_size: int,
     *,
     limit: int | None = None,
-    shards: int = 1,
 ) -> CorpusCount:
     """Rows the configured corpus yields at this context size. With `limit` (the `--tokens` asked for) it reads only
     as far as needed, so checking that the corpus is big enough costs a full pass only when it is not."""
-    return count_rows(iter_windows(config, tokenizer, context_size), limit=limit, shards=shards)
+    return count_rows(iter_windows(config, tokenizer, context_size), limit=limit)

@@ -16,24 +16,26 @@ import numpy as np
 import torch
 
 from clt_core.data.norm_stats import NormStatsAccumulator
-from clt_core.data.store import ActivationStore, from_storage, to_storage
+from clt_core.data.store import StoreWriter, from_storage, to_storage
 
 
 class BackgroundWriter:
-    """Appends row blocks to a store from a thread; `put` blocks when `depth` blocks are already waiting."""
+    """Appends row blocks through a store writer, from a thread; `put` blocks when `depth` blocks already wait.
+    `stats` holds the moments of the whole chunks before the writer's position."""
 
-    def __init__(self, store: ActivationStore, stats: NormStatsAccumulator, depth: int = 2) -> None:
+    def __init__(self, writer: StoreWriter, stats: NormStatsAccumulator, depth: int = 2) -> None:
+        store = writer.store
         self.store = store
         self.stats = stats
-        self._writer = store.writer()
+        self._writer = writer
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         # Rows not yet folded into the stats: they complete a chunk later.
         self._pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self._pending_rows = store.num_rows % store.rows_per_chunk
+        committed = writer.committed
+        self._pending_rows = committed % store.rows_per_chunk
         if self._pending_rows:
-            lo = store.num_rows - self._pending_rows
-            inputs, targets, _ = store.read_storage(lo, store.num_rows)
+            inputs, targets, _ = store.read_storage(committed - self._pending_rows, committed, limit=committed)
             self._pending.append((inputs, targets))
         self._thread = threading.Thread(target=self._run, name="clt-extract-writer", daemon=True)
         self._thread.start()

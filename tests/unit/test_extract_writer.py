@@ -25,7 +25,7 @@ def write(url: str, data: list, start_block: int = 0) -> NormStatsAccumulator:
     full = store.num_rows // R
     for rows in store.iter_chunks(0, full):
         stats.update(rows.inputs, rows.targets)
-    writer = BackgroundWriter(store, stats)
+    writer = BackgroundWriter(store.writer(), stats)
     for block in data[start_block:]:
         writer.put(*block)
     writer.close()
@@ -72,7 +72,7 @@ def test_resumed_writing_gives_identical_rows_and_stats(tmp_path) -> None:
 def test_a_write_error_reaches_the_producer(tmp_path) -> None:
     url = str(tmp_path / "s")
     ActivationStore.create(url, num_layers=L, d_model=D, rows_per_chunk=R)
-    writer = BackgroundWriter(ActivationStore.open(url, "a"), NormStatsAccumulator(L, D))
+    writer = BackgroundWriter(ActivationStore.open(url, "a").writer(), NormStatsAccumulator(L, D))
     bad = torch.zeros(4, L, D + 1)
     with pytest.raises(Exception, match="do not match"):
         writer.put(bad, bad, torch.arange(4))

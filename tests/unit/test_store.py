@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def test_odd_sized_appends_fill_whole_chunks(tmp_path: Path) -> None:
         for n in sizes:
             w.append(x[at : at + n], -x[at : at + n], torch.arange(at, at + n))
             at += n
-            assert w.rows_committed == at - at % 8  # only whole chunks are committed before close()
+            assert w.committed == at - at % 8  # only whole chunks are committed before close()
     assert store.num_rows == 58 and store.num_chunks == 8
     again = ActivationStore.open(str(tmp_path / "s"))
     rows = again.read(0, 58)
@@ -504,3 +505,39 @@ def test_require_refuses_a_store_of_other_geometry(tmp_path: Path) -> None:
         store.require(d_model=8)
     with pytest.raises(StoreError, match="num_layers=2, but 3"):
         store.require(num_layers=3)
+
+
+def test_exist_ok_completes_a_store_whose_creation_was_cut_short(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    geometry = {"num_layers": 2, "d_model": 3, "dtype": "float32", "rows_per_chunk": 8}
+    ActivationStore.create(url, **geometry)
+    for name in ("targets", "token_ids"):  # what a kill after the first array leaves
+        shutil.rmtree(tmp_path / "s" / name)
+    with pytest.raises(StoreError, match="missing the 'targets' array"):
+        ActivationStore.open(url)
+    store = ActivationStore.create(url, **geometry, exist_ok=True)
+    with store.writer() as w:
+        w.append(torch.ones(10, 2, 3), torch.zeros(10, 2, 3))
+    # An existing store is returned as it is, rows and all.
+    again = ActivationStore.create(url, **geometry, exist_ok=True)
+    assert again.num_rows == 10 and torch.equal(again.read(0, 10).inputs, torch.ones(10, 2, 3))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("not a store")
+    with pytest.raises(StoreError, match="not an activation store"):
+        ActivationStore.create(str(tmp_path / "other"), **geometry, exist_ok=True)
+
+
+def test_a_kill_between_resizing_the_arrays_loses_no_rows(tmp_path: Path) -> None:
+    url = str(tmp_path / "s")
+    x = torch.randn(40, 2, 3)
+    store = ActivationStore.create(url, num_layers=2, d_model=3, dtype="float32", rows_per_chunk=8)
+    w = store.writer()
+    w.append(x[:16], -x[:16], torch.arange(16))  # two whole chunks committed
+    store.inputs.resize((64, 2, 3))  # the writer grew `inputs` and was killed before growing the others
+    again = ActivationStore.open(url, "a")
+    assert again.num_rows == 16
+    with again.writer() as w:
+        w.append(x[16:], -x[16:], torch.arange(16, 40))
+    rows = ActivationStore.open(url).read(0, 40)
+    assert torch.equal(rows.targets, -x) and torch.equal(rows.token_ids, torch.arange(40, dtype=torch.int32))
+    assert all(a.shape[0] == 40 for a in (again.inputs, again.targets, again.token_ids))

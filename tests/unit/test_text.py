@@ -27,9 +27,8 @@ from clt_core.extract.text import (
     iter_windows,
     limit_rows,
     pack_windows,
+    rows_between,
     separator_ids,
-    shard_windows,
-    skip_rows,
     strip_gutenberg,
 )
 
@@ -153,37 +152,35 @@ def test_bad_packing_arguments(tokenizer):
 # --- row budgets, shards, resume -------------------------------------------------------------------------------------
 
 
-def test_shards_partition_the_windows(docs, tokenizer):
-    windows = list(pack_windows(docs, tokenizer, 32, add_bos=True))
-    shards = [list(shard_windows(iter(windows), i, 3)) for i in range(3)]
-    indices = [w.index for s in shards for w in s]
-    assert sorted(indices) == [w.index for w in windows]  # complete and disjoint
-    assert all(w.index % 3 == i for i, s in enumerate(shards) for w in s)
-    assert max(map(len, shards)) - min(map(len, shards)) <= 1
-    with pytest.raises(ConfigError, match="shard 3/3"):
-        shard_windows(iter(windows), 3, 3)
+def test_row_ranges_partition_the_stream_at_row_granularity(docs, tokenizer):
+    def windows():
+        return pack_windows(docs, tokenizer, 32, add_bos=True, separator=EOS)
+
+    reference = window_rows(list(limit_rows(windows(), 1000)))
+    bounds = [0, 13, 480, 481, 1000]  # cuts inside windows, and a one-row range
+    parts = [window_rows(list(rows_between(windows(), a, b))) for a, b in itertools.pairwise(bounds)]
+    assert [len(p) for p in parts] == [13, 467, 1, 519]
+    assert [r for p in parts for r in p] == reference
+    assert list(rows_between(windows(), 7, 7)) == []
 
 
 def test_limit_rows_is_exact_and_count_rows_agrees(docs, tokenizer):
     windows = list(pack_windows(docs, tokenizer, 32, add_bos=True, separator=EOS))
     total = sum(int(w.keep.sum()) for w in windows)
-    full = count_rows(iter(windows), shards=3)
-    assert full.rows == total and full.windows == len(windows) and full.exhausted and sum(full.shard_rows) == total
+    full = count_rows(iter(windows))
+    assert full.rows == total and full.windows == len(windows) and full.exhausted
     n = total // 2 + 5  # ends inside a window
     limited = list(limit_rows(iter(windows), n))
     assert sum(int(w.keep.sum()) for w in limited) == n
     assert window_rows(limited) == window_rows(windows)[:n]
     np.testing.assert_array_equal(limited[-1].token_ids, windows[len(limited) - 1].token_ids)  # model sees it all
-    counted = count_rows(iter(windows), limit=n, shards=3)
+    counted = count_rows(iter(windows), limit=n)
     assert (counted.rows, counted.windows, counted.exhausted) == (n, len(limited), False)
-    assert counted.shard_rows == tuple(
-        sum(int(w.keep.sum()) for w in shard_windows(iter(limited), i, 3)) for i in range(3)
-    )
     too_many = count_rows(iter(windows), limit=total + 1)
     assert too_many.exhausted and too_many.rows == total
 
 
-def test_resumed_shards_give_the_rows_of_one_uninterrupted_pass(docs, tokenizer):
+def test_resumed_ranges_give_the_rows_of_one_uninterrupted_pass(docs, tokenizer):
     def windows():
         return pack_windows(docs, tokenizer, 32, add_bos=True, separator=EOS)
 
@@ -191,13 +188,13 @@ def test_resumed_shards_give_the_rows_of_one_uninterrupted_pass(docs, tokenizer)
     reference = window_rows(list(limit_rows(windows(), n)))
     assert len(reference) == n
     rows = []
-    for i in range(3):
-        shard = window_rows(list(shard_windows(limit_rows(windows(), n), i, 3)))
+    for start, stop in [(0, 512), (512, 1024), (1024, 1500)]:
+        shard = window_rows(list(rows_between(windows(), start, stop)))
         done = len(shard) // 3 + 1  # "committed" rows; the resume point falls inside a window
-        resumed = window_rows(list(skip_rows(shard_windows(limit_rows(windows(), n), i, 3), done)))
+        resumed = window_rows(list(rows_between(windows(), start + done, stop)))
         assert resumed == shard[done:]
         rows += shard
-    assert sorted(rows) == sorted(reference)
+    assert rows == reference
 
 
 def test_corpus_rows_on_the_configured_corpus(tokenizer):
