@@ -26,14 +26,12 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/clt make-synthetic $(DEMO_DIR)/store --rows 65536 --num-layers 8 --d-model 128 --overwrite
-	$(BIN)/clt norm-stats $(DEMO_DIR)/store
-	$(BIN)/clt scramble $(DEMO_DIR)/store $(DEMO_DIR)/scrambled --seed 0 --memory-budget 256MB --overwrite
-	$(BIN)/clt verify $(DEMO_DIR)/scrambled
-	$(BIN)/clt sample $(DEMO_DIR)/scrambled --batch-size 4096 --batches 32 --holdout-fraction 0.05
-	$(BIN)/clt export-hdf5 $(DEMO_DIR)/scrambled $(DEMO_DIR)/hdf5 --overwrite
-	$(BIN)/clt import-hdf5 $(DEMO_DIR)/hdf5 $(DEMO_DIR)/reimported --overwrite
-	$(BIN)/clt info $(DEMO_DIR)/reimported
+	# Extraction resumes (or, when finished, does nothing) on a re-run with the same arguments.
+	$(BIN)/clt extract --model smollm2-135m --text packaged:kjv --tokens 8192 --out $(DEMO_DIR)/acts
+	$(BIN)/clt verify $(DEMO_DIR)/acts
+	$(BIN)/clt scramble $(DEMO_DIR)/acts $(DEMO_DIR)/scrambled --seed 0 --memory-budget 256MB --overwrite
+	$(BIN)/clt sample $(DEMO_DIR)/scrambled --batch-size 1024 --batches 16 --holdout-fraction 0.1
+	$(BIN)/clt info $(DEMO_DIR)/scrambled
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: install
@@ -53,6 +51,7 @@ format: install
 bench: install
 	$(BIN)/python bench/store_read.py
 	$(BIN)/python bench/scramble.py
+	$(BIN)/python bench/extract.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

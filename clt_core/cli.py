@@ -24,7 +24,6 @@ def _info(args: argparse.Namespace) -> int:
     store = ActivationStore.open(args.url)
     ns = store.read_norm_stats()
     summary = {
-        "in_progress": describe_progress(store),
         "url": store.url,
         "rows": store.num_rows,
         "chunks": store.num_chunks,
@@ -33,6 +32,8 @@ def _info(args: argparse.Namespace) -> int:
         "norm_stats_rows": ns.count if ns else None,
         **store.info.model_dump(mode="json"),
     }
+    if (progress := describe_progress(store)) is not None:
+        summary = {"in_progress": progress, **summary}
     if not args.full:  # bulky provenance records (e.g. hdf5_source) would bury the summary
         for key, value in summary.items():
             text = json.dumps(value)

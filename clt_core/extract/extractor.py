@@ -79,9 +79,11 @@ class ExtractSummary:
     """Rows of this run's range already written before it started."""
     shard: Shard = field(default_factory=Shard)
     shards_done: int = 1
+    loop_seconds: float = 0.0
+    """Time spent in the forward-and-write loop (without loading the model and counting the corpus)."""
 
     def __str__(self) -> str:
-        rate = self.rows_this_run / self.seconds if self.seconds else 0.0
+        rate = self.rows_this_run / self.loop_seconds if self.loop_seconds else 0.0
         resumed = f", resumed after {self.resumed_from:,} rows" if self.resumed_from else ""
         line = f"extracted {self.rows_this_run:,} rows in {self.seconds:.1f} s ({rate:,.0f} tokens/s){resumed}; "
         if self.shards_done < self.shard.count:
@@ -256,6 +258,7 @@ def extract(
     bar = tqdm(total=stop - start, initial=done - start, unit="tok", unit_scale=True, desc=desc, disable=not progress)
     row_mb = store.row_bytes / 1e6
     written = 0
+    loop_start = time.perf_counter()
     try:
         for batch in _batches(windows, config.batch_size):
             ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(device)
@@ -272,12 +275,15 @@ def extract(
         raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - start_time
+    loop_seconds = time.perf_counter() - loop_start
     if sharded:
         record_done(store, shard, ShardProgress(start, stop), stats)
-        return _finish_shard(store, config, shard, written, seconds, done - start)
-    store.write_norm_stats(stats.result())
-    return ExtractSummary(store.url, store.num_rows, written, seconds, done)
+        summary = _finish_shard(store, config, shard, written, time.perf_counter() - start_time, done - start)
+    else:
+        store.write_norm_stats(stats.result())
+        summary = ExtractSummary(store.url, store.num_rows, written, time.perf_counter() - start_time, done)
+    summary.loop_seconds = loop_seconds
+    return summary
 
 
 def _finish_shard(

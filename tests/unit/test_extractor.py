@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 
 from clt_core.data.norm_stats import compute_norm_stats
 from clt_core.data.store import ActivationStore
+from clt_core.data.verify import verify_store
 from clt_core.errors import CLTError
 from clt_core.extract.extractor import ExtractConfig, extract
 from clt_core.extract.models import capture_points, capture_with_hooks, resolve_model
@@ -130,3 +133,30 @@ def test_bad_inputs_are_one_clear_line(tiny_dirs: dict[str, Path], tmp_path: Pat
             extract(str(tmp_path / "bad"), cfg, progress=False)
         assert "\n" not in str(info.value)
     assert not (tmp_path / "bad").exists(), "nothing is written before the inputs are known to be good"
+
+
+def test_a_full_disk_is_one_clear_line_and_the_store_resumes_elsewhere(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 1 MB tmpfs here: {mounted.stderr.decode().strip()}")
+    cfg = config(tiny_dirs["llama"], tokens=2000)  # about 3 MB of float32 rows
+    try:
+        with pytest.raises(CLTError, match="no space left on device") as info:
+            extract(str(small / "store"), cfg, progress=False)
+        assert "\n" not in str(info.value)
+        committed = ActivationStore.open(str(small / "store")).num_rows
+        assert 0 < committed < 2000 and committed % 64 == 0
+        assert verify_store(str(small / "store"), progress=False).ok
+        shutil.copytree(small / "store", tmp_path / "moved")  # the user moves it to a bigger disk and reruns
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    resumed = extract(str(tmp_path / "moved"), cfg, progress=False)
+    assert resumed.resumed_from == committed
+    whole = extract(str(tmp_path / "whole"), cfg, progress=False)
+    a, b = ActivationStore.open(whole.url).read(0, 2000), ActivationStore.open(resumed.url).read(0, 2000)
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert torch.equal(a.token_ids, b.token_ids)
