@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--context-size", type=int, default=128)
     parser.add_argument("--compute-dtype", default="bfloat16", choices=list(COMPUTE_DTYPES))
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compression", default="zstd", choices=["zstd", "none"])
     args = parser.parse_args()
 
     loaded = resolve_model(args.model, dtype=COMPUTE_DTYPES[args.compute_dtype])
@@ -70,7 +71,11 @@ def main() -> None:
 
     def extracted() -> float:
         store = ActivationStore.create(
-            f"{tmp.name}/store", num_layers=loaded.num_layers, d_model=loaded.d_model, overwrite=True
+            f"{tmp.name}/store",
+            num_layers=loaded.num_layers,
+            d_model=loaded.d_model,
+            compression=args.compression,
+            overwrite=True,
         )
         start = time.perf_counter()
         writer = BackgroundWriter(store.writer(), NormStatsAccumulator(store.num_layers, store.d_model))
@@ -89,7 +94,8 @@ def main() -> None:
     base = statistics.median(runs["bare forward"])
     print(
         f"{loaded.name}: {args.batches} batches of {args.batch_size}x{args.context_size} tokens "
-        f"({tokens:,} rows), compute {args.compute_dtype}, {torch.get_num_threads()} threads"
+        f"({tokens:,} rows), compute {args.compute_dtype}, {torch.get_num_threads()} threads, "
+        f"compression {args.compression}"
     )
     for name, values in runs.items():
         t = statistics.median(values)
