@@ -1,0 +1,70 @@
+"""Feature activations. All act on pre-activations `[B, L, F_local]` (this rank's features of every layer).
+
+- `jumprelu`: z·H(z − θ) with θ = exp(log θ) per layer and feature. Straight-through estimator of the JumpReLU paper
+  (Rajamanoharan et al. 2024): the gradient to z is H(z − θ); the jump's pseudo-derivative to θ is
+  −(θ/ε)·K((z − θ)/ε), with K the rectangle kernel 1{|u| < 1/2} and ε the bandwidth.
+- `relu`: max(z, 0).
+- `batchtopk`: the k·B largest pre-activations of the batch (per layer, or over all layers with `global` scope) keep
+  relu(z); the rest are 0. `topk`: the same per token.
+The top-k selection is a threshold: the count-th largest value over all ranks (each rank contributes its own
+count largest candidates, which must contain the global ones), so the selected set is the same whatever the number
+of feature shards. Exactly `count` entries are selected unless values tie at the threshold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from clt_core.model.parallel import FeatureShards
+
+
+class JumpReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > theta).to(grad.dtype)
+        kernel = ((z - theta).abs() < eps / 2).to(grad.dtype)
+        grad_theta = -(theta / eps) * kernel * grad
+        # theta broadcasts over the batch: sum the batch dimensions back out.
+        grad_theta = grad_theta.sum_to_size(theta.shape)
+        return grad_z, grad_theta, None
+
+
+def jumprelu(z: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """`z [B, L, F]`, `log_threshold [L, F]`."""
+    return JumpReLU.apply(z, log_threshold.exp().to(z.dtype), bandwidth)
+
+
+def topk_mask(scores: torch.Tensor, count: int, shards: FeatureShards) -> torch.Tensor:
+    """Mask of the `count` largest entries of each row of `scores [G, N_local]`, ranked over all ranks' entries."""
+    local = min(count, scores.shape[1])
+    candidates = scores.topk(local, dim=1, sorted=False).values if local < scores.shape[1] else scores
+    candidates = shards.all_gather_cat(candidates.detach(), dim=1)
+    threshold = candidates.topk(count, dim=1).values[:, -1:]
+    return scores >= threshold
+
+
+def select_topk(z: torch.Tensor, k: float, per_batch: bool, scope: str, shards: FeatureShards) -> torch.Tensor:
+    """batchtopk (`per_batch`) or topk activations of `z [B, L, F_local]`: relu(z) where selected, else 0."""
+    B, L, F = z.shape
+    if per_batch and scope == "per_layer":  # k·B per layer over the batch
+        scores, count = z.transpose(0, 1).reshape(L, B * F), round(k * B)
+    elif per_batch:  # k·B over every layer of the batch
+        scores, count = z.reshape(1, B * L * F), round(k * B)
+    elif scope == "per_layer":  # k per token and layer
+        scores, count = z.reshape(B * L, F), round(k)
+    else:  # k per token over all layers
+        scores, count = z.reshape(B, L * F), round(k)
+    mask = topk_mask(scores.detach(), max(count, 1), shards)
+    layer_major = per_batch and scope == "per_layer"
+    mask = mask.reshape(L, B, F).transpose(0, 1) if layer_major else mask.reshape(B, L, F)
+    return torch.where(mask, z.clamp_min(0), torch.zeros((), dtype=z.dtype))

@@ -1,0 +1,132 @@
+"""The cross-layer transcoder: plain PyTorch, the same code for one process and for feature shards.
+
+Parameters (feature-first, as circuit-tracer stores them), for this rank's features [lo, hi) of every layer:
+`W_enc [L, F, d]`, `b_enc [L, F]`, decoders `W_dec[s] [F, L-s, d]` writing to targets s..L-1, `b_dec [L, d]`
+(replicated), and for jumprelu `log_threshold [L, F]`.
+
+Initialisation follows "Circuit Tracing" (Anthropic 2025): W_enc ~ U(±1/√F), W_dec ~ U(±1/√(L·d)), biases 0,
+thresholds at `jumprelu_threshold`. Weights are drawn in blocks of 64 features from generators seeded by
+(seed, parameter, block), so any feature shard draws exactly its slice of the single-process weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from clt_core.errors import ConfigError
+from clt_core.model.activations import jumprelu, select_topk
+from clt_core.model.config import CLTConfig
+from clt_core.model.decode import decode
+from clt_core.model.parallel import FeatureShards
+
+_INIT_BLOCK = 64
+
+
+class CLTOutput(NamedTuple):
+    """What a forward pass returns."""
+
+    reconstruction: torch.Tensor
+    """Reconstructed (normalised) MLP outputs `[B, L, d]`, summed over feature shards, decoder bias included."""
+    activations: torch.Tensor
+    """Feature activations `[B, L, F_local]` of this rank's features."""
+    preactivations: torch.Tensor
+    """Encoder outputs `[B, L, F_local]` before the activation function."""
+
+
+def _uniform_rows(
+    shape: tuple[int, ...], bound: float, seed: int, name: str, lo: int, hi: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Rows [lo, hi) of a `shape`-shaped U(±bound) tensor drawn in blocks of rows, each from its own generator."""
+    blocks = []
+    first, last = lo // _INIT_BLOCK, -(-hi // _INIT_BLOCK)
+    for block in range(first, last):
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}:{block}".encode()))
+        rows = min(_INIT_BLOCK, shape[0] - block * _INIT_BLOCK)
+        blocks.append(torch.empty(rows, *shape[1:], dtype=torch.float32).uniform_(-bound, bound, generator=gen))
+    full = torch.cat(blocks) if blocks else torch.empty(0, *shape[1:])
+    start = lo - first * _INIT_BLOCK
+    return full[start : start + hi - lo].to(dtype)
+
+
+class CrossLayerTranscoder(nn.Module):
+    def __init__(self, config: CLTConfig, shards: FeatureShards | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.config = config
+        self.shards = shards or FeatureShards()
+        L, d, F = config.num_layers, config.d_model, config.num_features
+        if F % self.shards.world_size:
+            raise ConfigError(f"num_features={F} must be a multiple of the {self.shards.world_size} feature shards")
+        lo, hi = self.shards.bounds(F)
+        self.feature_range = (lo, hi)
+        seed = config.seed
+        enc_bound = 1 / math.sqrt(F)
+        self.W_enc = nn.Parameter(
+            torch.stack([_uniform_rows((F, d), enc_bound, seed, f"W_enc.{i}", lo, hi, dtype) for i in range(L)])
+        )
+        self.b_enc = nn.Parameter(torch.zeros(L, hi - lo, dtype=dtype))
+        bound = 1 / math.sqrt(L * d)
+        self.W_dec = nn.ParameterList(
+            nn.Parameter(_uniform_rows((F, L - s, d), bound, seed, f"W_dec.{s}", lo, hi, dtype)) for s in range(L)
+        )
+        self.b_dec = nn.Parameter(torch.zeros(L, d, dtype=dtype))
+        if config.activation_fn == "jumprelu":
+            start = math.log(config.jumprelu_threshold)
+            self.log_threshold = nn.Parameter(torch.full((L, hi - lo), start, dtype=dtype))
+        else:
+            self.register_parameter("log_threshold", None)
+
+    @property
+    def num_local_features(self) -> int:
+        return self.feature_range[1] - self.feature_range[0]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised MLP inputs `[B, L, d]` -> pre-activations `[B, L, F_local]`."""
+        return torch.einsum("bld,lfd->blf", x, self.W_enc) + self.b_enc
+
+    @property
+    def threshold(self) -> torch.Tensor:
+        """Per-feature activation threshold `[L, F_local]` (0 for activations without one)."""
+        if self.log_threshold is None:
+            return torch.zeros_like(self.b_enc)
+        return self.log_threshold.exp()
+
+    def activate(self, pre: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.activation_fn == "jumprelu":
+            return jumprelu(pre, self.log_threshold, cfg.jumprelu_bandwidth)
+        if cfg.activation_fn == "relu":
+            return pre.clamp_min(0)
+        return select_topk(pre, cfg.k, cfg.activation_fn == "batchtopk", cfg.topk_scope, self.shards)
+
+    def decode(self, acts: torch.Tensor, pre: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
+        """Activations `[B, L, F_local]` -> reconstruction `[B, L, d]`, summed over shards (+ `b_dec`)."""
+        cfg = self.config
+        B, L, d = acts.shape[0], cfg.num_layers, cfg.d_model
+        sparse = cfg.activation_fn in ("batchtopk", "topk") or (
+            (acts != 0).float().mean().item() < cfg.sparse_decode_density
+        )
+        grad_mask = None
+        if sparse and cfg.activation_fn == "jumprelu" and pre is not None and self.log_threshold.requires_grad:
+            # Entries just below their threshold are 0 but carry the threshold's gradient.
+            grad_mask = (pre.detach() - self.threshold.detach()).abs() < cfg.jumprelu_bandwidth / 2
+        out = torch.zeros(B, L * d, dtype=torch.float32, device=acts.device)
+        for s in range(L):
+            W = self.W_dec[s].reshape(self.num_local_features, (L - s) * d)
+            mask = None if grad_mask is None else grad_mask[:, s]
+            out[:, s * d :] += decode(acts[:, s], W, sparse, mask)
+        out = self.shards.sum_partials(out).reshape(B, L, d)
+        return out + self.b_dec if bias else out
+
+    def forward(self, x: torch.Tensor) -> CLTOutput:
+        pre = self.encode(x)
+        acts = self.activate(pre)
+        return CLTOutput(self.decode(acts, pre), acts, pre)
+
+    def decoder_norms(self) -> torch.Tensor:
+        """‖W_dec‖ of each feature over all the targets it writes to, `[L, F_local]`."""
+        return torch.stack([w.flatten(1).norm(dim=1) for w in self.W_dec])

@@ -1,0 +1,45 @@
+"""The CLT's architecture: what a checkpoint's `config.json` holds."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from clt_core.config import Config
+from clt_core.errors import ConfigError
+
+Activation = Literal["jumprelu", "relu", "batchtopk", "topk"]
+
+
+class CLTConfig(Config):
+    """A cross-layer transcoder: one encoder per layer, one decoder per (source layer, later target layer)."""
+
+    num_layers: int = Field(ge=1)
+    """Layers of the underlying model (from the store)."""
+    d_model: int = Field(ge=1)
+    """Width of the MLP inputs and outputs (from the store)."""
+    num_features: int = Field(ge=1)
+    """Features per layer (F)."""
+    activation_fn: Activation = "batchtopk"
+    """`jumprelu` (learned threshold per feature), `relu`, `batchtopk` (top k·B per batch) or `topk` (per token)."""
+    k: float = Field(32, gt=0)
+    """batchtopk/topk: active features per token (per layer, or over all layers with `topk_scope: global`)."""
+    topk_scope: Literal["per_layer", "global"] = "per_layer"
+    """Count k per layer, or over all layers together."""
+    jumprelu_threshold: float = Field(0.03, gt=0)
+    """jumprelu: initial threshold of every feature (the parameter is its log)."""
+    jumprelu_bandwidth: float = Field(0.1, gt=0)
+    """jumprelu: width of the rectangle kernel of the straight-through estimator, in activation units."""
+    sparse_decode_density: float = Field(0.05, ge=0, le=1)
+    """Decode sparsely (gather active decoder rows) below this fraction of active features; densely above it."""
+    seed: int = 0
+    """Seed of the initial weights (the same whatever the number of feature shards)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> CLTConfig:
+        per_token = self.k * (self.num_layers if self.topk_scope == "global" else 1)
+        limit = self.num_features * (self.num_layers if self.topk_scope == "global" else 1)
+        if self.activation_fn in ("batchtopk", "topk") and per_token > limit:
+            raise ConfigError(f"k={self.k:g} is more than the {limit} features it selects from")
+        return self
