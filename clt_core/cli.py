@@ -132,6 +132,34 @@ def _extract(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from clt_core.train.config import TrainConfig
+    from clt_core.train.trainer import train
+
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        # Re-run this very command under torchrun, one process per feature shard.
+        argv = [a for a in args.argv if not a.startswith("--nproc")]
+        if "--nproc" in args.argv:
+            at = args.argv.index("--nproc")
+            argv = args.argv[:at] + args.argv[at + 2 :]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        return subprocess.run([*launcher, "-m", "clt_core.cli", *argv]).returncode
+    config = config_from_args(TrainConfig, args, args.config)
+    if args.data:
+        config = config.model_copy(update={"data": args.data})
+    if args.out:
+        config = config.model_copy(update={"output_dir": args.out})
+    result = train(config, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        ev = result.evaluation
+        summary = f", held-out NMSE {ev['mean_nmse']:.4f}, L0 {ev['total_l0']:.1f}" if ev else ""
+        print(f"trained {result.steps} steps{summary}; final model in {result.final}")
+    return 0
+
+
 def _make_synthetic(args: argparse.Namespace) -> int:
     from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 
@@ -146,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     from clt_core.data.scramble import ScrambleConfig
     from clt_core.data.synthetic import SyntheticConfig
     from clt_core.extract.extractor import ExtractConfig
+    from clt_core.model.config import CLTConfig
+    from clt_core.train.config import TrainConfig
 
     parser = argparse.ArgumentParser(prog="clt", description="Cross-Layer Transcoder pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -209,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(p, ExtractConfig, skip={"text"})
 
+    p = command("train", _train, "Train a cross-layer transcoder on a store (feature-parallel with --nproc N).")
+    p.add_argument("--config", help="YAML file with training settings (sections `model:` and `sampler:`)")
+    p.add_argument("--data", help="store URL to train on")
+    p.add_argument("--out", help="output directory for checkpoints, metrics and the final model")
+    p.add_argument("--nproc", type=int, default=1, help="feature shards: processes started with torchrun (default 1)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    add_config_arguments(p, TrainConfig, skip={"model", "sampler", "betas", "data", "output_dir"})
+    add_config_arguments(p, CLTConfig, skip={"num_layers", "d_model", "seed"}, section="model")
+    add_config_arguments(p, SamplerConfig, skip={"seed"}, section="sampler")
+
     p = command("make-synthetic", _make_synthetic, "Write a synthetic store with a planted cross-layer dictionary.")
     p.add_argument("url")
     p.add_argument("--config", help="YAML file with synthetic-data settings; flags override it")
@@ -220,6 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.handler(args)
     except CLTError as err:

@@ -76,16 +76,20 @@ def _argparse_type(annotation: Any) -> tuple[Any, bool]:
     return str, optional
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, model: type[Config], skip: set[str] = frozenset()) -> None:
-    """Add one `--field-name` flag per field of `model`, defaulting to None (= keep the config's value)."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, model: type[Config], skip: set[str] = frozenset(), section: str = ""
+) -> None:
+    """Add one `--field-name` flag per field of `model`, defaulting to None (= keep the config's value). With
+    `section`, the value lands in `args` as `"{section}.{field}"`, for `config_from_args` to nest it."""
     for name, field in model.model_fields.items():
         if name in skip:
             continue
         flag = "--" + name.replace("_", "-")
+        dest = f"{section}.{name}" if section else name
         kind, _ = _argparse_type(field.annotation)
         help_text = (field.description or "") + f" (default: {field.default!r})"
         if kind is bool:
-            parser.add_argument(flag, dest=name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=help_text)
             continue
         choices = None
         ann = field.annotation
@@ -93,14 +97,21 @@ def add_config_arguments(parser: argparse.ArgumentParser, model: type[Config], s
             ann = next(a for a in typing.get_args(ann) if a is not type(None))
         if typing.get_origin(ann) is typing.Literal:
             choices = list(typing.get_args(ann))
-        parser.add_argument(flag, dest=name, default=None, type=kind, choices=choices, help=help_text)
+        parser.add_argument(flag, dest=dest, default=None, type=kind, choices=choices, help=help_text)
 
 
 def config_from_args(model: type[Config], args: argparse.Namespace, yaml_path: str | Path | None = None) -> Config:
     """Build a config from an optional YAML file, then override with the flags the user gave."""
     base = model.from_yaml(yaml_path).model_dump() if yaml_path else {}
-    for name in model.model_fields:
-        value = getattr(args, name, None)
-        if value is not None:
+    for name, value in vars(args).items():
+        if value is None:
+            continue
+        section, _, field = name.rpartition(".")
+        if section in model.model_fields:
+            base.setdefault(section, {})
+            if isinstance(base[section], BaseModel):
+                base[section] = base[section].model_dump()
+            base[section][field] = value
+        elif name in model.model_fields:
             base[name] = value
     return model.from_dict(base, source=str(yaml_path) if yaml_path else "command line")

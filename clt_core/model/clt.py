@@ -58,6 +58,8 @@ class CrossLayerTranscoder(nn.Module):
         super().__init__()
         self.config = config
         self.shards = shards or FeatureShards()
+        if config.num_layers is None or config.d_model is None:
+            raise ConfigError("the model needs num_layers and d_model (training takes them from the store)")
         L, d, F = config.num_layers, config.d_model, config.num_features
         if F % self.shards.world_size:
             raise ConfigError(f"num_features={F} must be a multiple of the {self.shards.world_size} feature shards")
@@ -114,7 +116,9 @@ class CrossLayerTranscoder(nn.Module):
         if sparse and cfg.activation_fn == "jumprelu" and pre is not None and self.log_threshold.requires_grad:
             # Entries just below their threshold are 0 but carry the threshold's gradient.
             grad_mask = (pre.detach() - self.threshold.detach()).abs() < cfg.jumprelu_bandwidth / 2
-        out = torch.zeros(B, L * d, dtype=torch.float32, device=acts.device)
+        # Accumulate in float32 at least (bf16 partial sums would lose the small contributions).
+        dtype = torch.promote_types(self.b_dec.dtype, torch.float32)
+        out = torch.zeros(B, L * d, dtype=dtype, device=acts.device)
         for s in range(L):
             W = self.W_dec[s].reshape(self.num_local_features, (L - s) * d)
             mask = None if grad_mask is None else grad_mask[:, s]

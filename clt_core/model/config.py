@@ -15,10 +15,10 @@ Activation = Literal["jumprelu", "relu", "batchtopk", "topk"]
 class CLTConfig(Config):
     """A cross-layer transcoder: one encoder per layer, one decoder per (source layer, later target layer)."""
 
-    num_layers: int = Field(ge=1)
-    """Layers of the underlying model (from the store)."""
-    d_model: int = Field(ge=1)
-    """Width of the MLP inputs and outputs (from the store)."""
+    num_layers: int | None = Field(None, ge=1)
+    """Layers of the underlying model (training takes it from the store when unset)."""
+    d_model: int | None = Field(None, ge=1)
+    """Width of the MLP inputs and outputs (training takes it from the store when unset)."""
     num_features: int = Field(ge=1)
     """Features per layer (F)."""
     activation_fn: Activation = "batchtopk"
@@ -38,8 +38,11 @@ class CLTConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> CLTConfig:
-        per_token = self.k * (self.num_layers if self.topk_scope == "global" else 1)
-        limit = self.num_features * (self.num_layers if self.topk_scope == "global" else 1)
-        if self.activation_fn in ("batchtopk", "topk") and per_token > limit:
-            raise ConfigError(f"k={self.k:g} is more than the {limit} features it selects from")
+        if self.activation_fn not in ("batchtopk", "topk"):
+            return self
+        if self.topk_scope == "per_layer" and self.k > self.num_features:
+            raise ConfigError(f"k={self.k:g} is more than the {self.num_features} features of a layer")
+        if self.num_layers is not None and self.k > self.num_features * self.num_layers:
+            limit = self.num_features * self.num_layers
+            raise ConfigError(f"k={self.k:g} is more than the {limit} features of all layers together")
         return self

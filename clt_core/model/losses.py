@@ -46,15 +46,16 @@ def clt_loss(
 ) -> LossTerms:
     """Loss terms of one batch; `dead_mask [L, F_local]` marks features that have not fired lately (for auxk)."""
     zero = torch.zeros((), device=targets.device)
-    error = out.reconstruction - targets.float()
+    acts, pre = _upcast(out.activations), _upcast(out.preactivations)
+    error = out.reconstruction - _upcast(targets)
     reconstruction = error.pow(2).mean(dim=(0, 2)).sum()
     need_norms = sparsity_lambda > 0 or preactivation_coef > 0
     norms = model.decoder_norms() if need_norms else None
     sparsity = preactivation = auxk = zero
     if sparsity_lambda > 0:
-        sparsity = sparsity_lambda * torch.tanh(sparsity_c * out.activations.float() * norms).sum(dim=(1, 2)).mean()
+        sparsity = sparsity_lambda * torch.tanh(sparsity_c * acts * norms).sum(dim=(1, 2)).mean()
     if preactivation_coef > 0:
-        gap = (model.threshold - out.preactivations.float()).clamp_min(0)
+        gap = (model.threshold - pre).clamp_min(0)
         preactivation = preactivation_coef * (gap * norms).sum(dim=(1, 2)).mean()
     if auxk_coef > 0 and dead_mask is not None and bool(dead_mask.any()):
         auxk = auxk_coef * _auxk(model, out, error.detach(), dead_mask, auxk_k)
@@ -68,19 +69,13 @@ def _auxk(model: CrossLayerTranscoder, out: CLTOutput, error: torch.Tensor, dead
     k = int(min(k, dead_count))
     if k == 0:
         return torch.zeros((), device=error.device)
-    masked = out.preactivations.float().masked_fill(~dead, float("-inf"))
+    masked = _upcast(out.preactivations).masked_fill(~dead, float("-inf"))
     acts = select_topk(masked, k, per_batch=False, scope="global", shards=shards)
     predicted = model.decode(acts.nan_to_num(0.0), bias=False)
     residual = -error  # targets - reconstruction
     return (predicted - residual).pow(2).sum() / residual.pow(2).sum().clamp_min(1e-12)
 
 
-class LayerMetrics(NamedTuple):
-    """Per-layer metrics of a batch (or accumulated over held-out batches)."""
-
-    nmse: torch.Tensor
-    """Σ(ŷ − y)² / Σ(y − ȳ)² per layer `[L]`."""
-    explained_variance: torch.Tensor
-    """1 − Var(y − ŷ)/Var(y) per layer `[L]`."""
-    l0: torch.Tensor
-    """Mean active features per token, per layer `[L]` (summed over shards)."""
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """bf16/f16 (autocast) values to float32 for the loss; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))

@@ -1,0 +1,1 @@
+"""Training: config, loop, checkpoints, held-out evaluation, feature parallelism under torchrun."""

@@ -1,0 +1,139 @@
+"""Checkpoints: unsharded, so a run saved with N feature shards resumes with any other number.
+
+A checkpoint directory holds `config.json` (the CLTConfig), `model.safetensors` (full parameters: `W_enc [L,F,d]`,
+`b_enc [L,F]`, `W_dec.{s} [F,L-s,d]`, `b_dec [L,d]`, `log_threshold [L,F]`), and for resuming
+`optimizer.safetensors` (Adam moments and step per parameter, also full) and `trainer_state.json` (step, sampler
+position, schedules, RNG state). Nothing is pickled. It is written to a temporary directory and renamed into place,
+so a checkpoint directory is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from clt_core.errors import ConfigError
+from clt_core.model.clt import CrossLayerTranscoder
+from clt_core.model.config import CLTConfig
+from clt_core.model.parallel import FeatureShards
+
+
+def feature_dim(name: str) -> int | None:
+    """The dimension along which a parameter is split over feature shards (None: replicated)."""
+    if name.startswith("W_dec."):
+        return 0
+    return None if name == "b_dec" else 1
+
+
+def gather_full(model: CrossLayerTranscoder, name: str, local: torch.Tensor) -> torch.Tensor:
+    dim = feature_dim(name)
+    return local if dim is None else model.shards.all_gather_cat(local.detach(), dim=dim)
+
+
+def local_slice(model: CrossLayerTranscoder, name: str, full: torch.Tensor) -> torch.Tensor:
+    dim = feature_dim(name)
+    if dim is None:
+        return full
+    lo, hi = model.feature_range
+    return full.narrow(dim, lo, hi - lo)
+
+
+def model_state(model: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
+    """Full (unsharded) parameters, on the CPU; every rank must call it (it gathers)."""
+    return {n: gather_full(model, n, p).cpu().contiguous() for n, p in model.named_parameters()}
+
+
+def optimizer_state(model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, param in model.named_parameters():
+        state = optimizer.state.get(param, {})
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                out[f"{key}.{name}"] = gather_full(model, name, state[key]).cpu().contiguous()
+        if "step" in state:
+            out[f"step.{name}"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1).cpu()
+    return out
+
+
+def save_checkpoint(
+    path: Path,
+    model: CrossLayerTranscoder,
+    optimizer: torch.optim.Optimizer | None = None,
+    trainer_state: dict[str, Any] | None = None,
+) -> None:
+    """Write a checkpoint at `path` (collective: all ranks call it, rank 0 writes)."""
+    weights = model_state(model)
+    moments = optimizer_state(model, optimizer) if optimizer is not None else None
+    if model.shards.rank != 0:
+        return
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(model.config.model_dump_json(indent=2))
+    save_file(weights, str(tmp / "model.safetensors"))
+    if moments is not None:
+        save_file(moments, str(tmp / "optimizer.safetensors"))
+    if trainer_state is not None:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / "rng.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def read_config(path: Path) -> CLTConfig:
+    try:
+        return CLTConfig.model_validate_json((Path(path) / "config.json").read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not a checkpoint (no config.json)") from None
+
+
+def load_model(
+    path: str | Path, shards: FeatureShards | None = None, device: str | torch.device = "cpu"
+) -> CrossLayerTranscoder:
+    """A trained CLT from a checkpoint directory, optionally as one feature shard of it."""
+    path = Path(path)
+    model = CrossLayerTranscoder(read_config(path), shards)
+    load_weights(path, model)
+    return model.to(device)
+
+
+def load_weights(path: Path, model: CrossLayerTranscoder) -> None:
+    full = load_file(str(path / "model.safetensors"))
+    params = dict(model.named_parameters())
+    if set(full) != set(params):
+        raise ConfigError(f"{path}: model.safetensors holds {sorted(full)}, the model has {sorted(params)}")
+    with torch.no_grad():
+        for name, param in params.items():
+            value = local_slice(model, name, full[name])
+            if value.shape != param.shape:
+                raise ConfigError(
+                    f"{path}: {name} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}"
+                )
+            param.copy_(value)
+
+
+def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore weights, optimiser moments and RNG; return the trainer state."""
+    load_weights(path, model)
+    moments = load_file(str(path / "optimizer.safetensors"))
+    for name, param in model.named_parameters():
+        if f"exp_avg.{name}" not in moments:
+            continue
+        optimizer.state[param] = {
+            "step": moments[f"step.{name}"].reshape(()).clone(),
+            "exp_avg": local_slice(model, name, moments[f"exp_avg.{name}"]).to(param.device).clone(),
+            "exp_avg_sq": local_slice(model, name, moments[f"exp_avg_sq.{name}"]).to(param.device).clone(),
+        }
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())

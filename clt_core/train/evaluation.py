@@ -1,0 +1,57 @@
+"""Metrics of a CLT on a store's held-out rows: NMSE, explained variance and L0 per layer, and feature density."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from clt_core.data.sampler import SamplerConfig, holdout_batches
+from clt_core.data.store import ActivationStore
+from clt_core.model.clt import CrossLayerTranscoder
+
+
+@torch.no_grad()
+def evaluate_holdout(
+    model: CrossLayerTranscoder, store: ActivationStore, sampler: SamplerConfig, max_rows: int, device: str = "cpu"
+) -> dict[str, Any]:
+    """Per-layer metrics over up to `max_rows` held-out rows (every rank reads the same rows)."""
+    L = model.config.num_layers
+    sq_err = torch.zeros(L, dtype=torch.float64)
+    sum_y = torch.zeros(L, dtype=torch.float64)
+    sum_y2 = torch.zeros(L, dtype=torch.float64)
+    err_sum = torch.zeros(L, dtype=torch.float64)
+    active = torch.zeros(L, dtype=torch.float64)
+    fired = torch.zeros(L, model.num_local_features, dtype=torch.float64)
+    rows = 0
+    d = model.config.d_model
+    for batch in holdout_batches(store, sampler, max_rows=max_rows):
+        x = batch.inputs.to(device, torch.float32)
+        y = batch.targets.to(device, torch.float32)
+        out = model(x)
+        err = (out.reconstruction - y).double()
+        sq_err += err.pow(2).sum(dim=(0, 2)).cpu()
+        err_sum += err.sum(dim=(0, 2)).cpu()
+        sum_y += y.double().sum(dim=(0, 2)).cpu()
+        sum_y2 += y.double().pow(2).sum(dim=(0, 2)).cpu()
+        on = (out.activations != 0).double()
+        active += on.sum(dim=(0, 2)).cpu()
+        fired += on.sum(dim=0).cpu()
+        rows += x.shape[0]
+    shards = model.shards
+    shards.all_reduce(active)
+    n = rows * d
+    var_y = sum_y2 / n - (sum_y / n) ** 2
+    var_err = sq_err / n - (err_sum / n) ** 2
+    nmse = (sq_err / n) / var_y.clamp_min(1e-12)
+    density = shards.all_gather_cat(fired / max(rows, 1), dim=1)  # [L, F]
+    return {
+        "rows": rows,
+        "nmse": nmse.tolist(),
+        "explained_variance": (1 - var_err / var_y.clamp_min(1e-12)).tolist(),
+        "l0": (active / max(rows, 1)).tolist(),
+        "mean_nmse": float(nmse.mean()),
+        "total_l0": float(active.sum() / max(rows, 1)),
+        "dead_fraction": float((density == 0).double().mean()),
+        "feature_density": density,
+    }

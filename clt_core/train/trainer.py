@@ -1,0 +1,223 @@
+"""The training loop: one encoder pass per step, feature-parallel under torchrun, exact resume.
+
+Every rank of a feature-parallel run reads the same batches and holds a slice of the features; the loss each rank
+backpropagates is the shared reconstruction loss plus its own features' penalties, so gradients need no
+collective beyond the one in the forward pass. The global gradient norm for clipping is reduced over ranks (the
+replicated decoder bias counted once).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from clt_core.data.sampler import ActivationSampler
+from clt_core.data.store import ActivationStore
+from clt_core.errors import ConfigError
+from clt_core.model.clt import CrossLayerTranscoder
+from clt_core.model.losses import clt_loss
+from clt_core.tracking import JsonlTracker, Tracker
+from clt_core.train.checkpoint import gather_full, load_training_state, local_slice, save_checkpoint
+from clt_core.train.config import TrainConfig
+from clt_core.train.distributed import close_feature_shards, init_feature_shards
+from clt_core.train.evaluation import evaluate_holdout
+from clt_core.train.schedules import lr_factor, sparsity_factor
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final: Path
+    """The final model's checkpoint directory."""
+    steps: int
+    evaluation: dict[str, Any]
+
+
+def _device(spec: str) -> str:
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Step checkpoints, oldest first."""
+    found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
+
+
+def _clip_gradients(model: CrossLayerTranscoder, max_norm: float) -> float:
+    """Scale gradients so their global norm over all ranks is at most `max_norm`; returns the norm before."""
+    sq = torch.zeros((), dtype=torch.float64, device=model.b_dec.device)
+    for name, p in model.named_parameters():
+        if p.grad is not None and (name != "b_dec" or model.shards.rank == 0):
+            sq += p.grad.double().pow(2).sum()
+    norm = math.sqrt(model.shards.all_reduce(sq).item())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def train(
+    config: TrainConfig, *, resume: bool = False, tracker: Tracker | None = None, progress: bool = True
+) -> TrainResult:
+    """Train (or, with `resume`, continue training) a CLT on `config.data`; see TrainConfig."""
+    if config.data is None:
+        raise ConfigError("no training data: pass --data URL (or set `data:` in the config)")
+    device = _device(config.device)
+    shards = init_feature_shards(device)
+    try:
+        return _train(config, shards, device, resume, tracker, progress)
+    finally:
+        close_feature_shards(shards)
+
+
+def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Tracker | None, progress: bool):
+    out_dir = Path(config.output_dir)
+    store = ActivationStore.open(config.data)
+    geometry = {"num_layers": store.num_layers, "d_model": store.d_model}
+    for key, value in geometry.items():
+        given = getattr(config.model, key)
+        if given is not None and given != value:
+            raise ConfigError(f"model.{key}={given} but the store {store.url} has {key}={value}")
+    model_cfg = config.model.model_copy(update=geometry)
+    model_cfg = type(model_cfg).model_validate(model_cfg.model_dump())  # re-run the checks with the geometry
+    torch.manual_seed(config.seed)
+    model = CrossLayerTranscoder(model_cfg, shards).to(device)
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    extra = {"weight_decay": config.weight_decay} if config.optimizer == "adamw" else {}
+    optimizer = opt_cls(model.parameters(), lr=config.learning_rate, betas=config.betas, **extra)
+    sampler = ActivationSampler(store, config.sampler)
+    L, F_local = model_cfg.num_layers, model.num_local_features
+    since_fired = torch.zeros(L, F_local, dtype=torch.float64, device=device)
+    step = 0
+    existing = checkpoints(out_dir)
+    if resume and existing:
+        state = load_training_state(existing[-1], model, optimizer)
+        if state["config"] != config.model_dump(mode="json", exclude={"training_steps"}):
+            raise ConfigError(f"{existing[-1]} was trained with other settings; resume with the same config")
+        sampler.load_state_dict(state["sampler"])
+        step = state["step"]
+        counters = torch.tensor(state["since_fired"], dtype=torch.float64)
+        since_fired = local_slice(model, "b_enc", counters).to(device).clone()
+    elif existing or (out_dir / "final").exists():
+        raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if shards.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "train_config.yaml").write_text(config.to_yaml())
+    tracker = tracker or (JsonlTracker(out_dir / "metrics.jsonl") if shards.rank == 0 else None)
+    if tracker is not None and step == 0:
+        tracker.log_params({"model": model_cfg.model_dump(mode="json"), **config.model_dump(mode="json")})
+
+    bf16 = config.precision == "bf16"
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+    batch_tokens = config.sampler.batch_size
+    bar = tqdm(
+        total=config.training_steps,
+        initial=step,
+        unit="step",
+        desc="train",
+        disable=not progress or shards.rank != 0,
+    )
+    evaluation: dict[str, Any] = {}
+    started, start_step = time.perf_counter(), step
+    batches = iter(sampler)
+    try:
+        while step < config.training_steps:
+            factor = lr_factor(step, config.training_steps, config.warmup_steps, config.lr_scheduler)
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * factor
+            batch = next(batches)
+            x = batch.inputs.to(device, torch.float32, non_blocking=True)
+            y = batch.targets.to(device, torch.float32, non_blocking=True)
+            with autocast:
+                out = model(x)
+            terms = clt_loss(
+                model,
+                out,
+                y,
+                sparsity_lambda=config.sparsity_lambda * sparsity_factor(step, config.sparsity_warmup_steps),
+                sparsity_c=config.sparsity_c,
+                preactivation_coef=config.preactivation_coef,
+                dead_mask=since_fired >= config.dead_feature_window,
+                auxk_coef=config.auxk_coef,
+                auxk_k=config.auxk_k,
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms.total.backward()
+            grad_norm = _clip_gradients(model, config.grad_clip_norm or math.inf)
+            optimizer.step()
+            with torch.no_grad():
+                fired = (out.activations != 0).any(dim=0)
+                since_fired += x.shape[0]
+                since_fired[fired] = 0
+            step += 1
+            bar.update(1)
+            if step % config.log_interval == 0 or step == config.training_steps:
+                metrics = _step_metrics(terms, out, shards, grad_norm, optimizer, since_fired, config)
+                rate = (step - start_step) * batch_tokens / (time.perf_counter() - started)
+                metrics["tokens_per_second"] = rate
+                bar.set_postfix_str(f"loss {metrics['loss/total']:.4g}, {rate:,.0f} tok/s")
+                if tracker is not None:
+                    tracker.log_metrics(metrics, step)
+            if step % config.eval_interval == 0 or step == config.training_steps:
+                evaluation = _evaluate(model, store, config, device, tracker, step)
+            if step % config.checkpoint_interval == 0 or step == config.training_steps:
+                state = {
+                    "step": step,
+                    "sampler": sampler.state_dict(),
+                    "config": config.model_dump(mode="json", exclude={"training_steps"}),
+                    "since_fired": gather_full(model, "b_enc", since_fired).cpu().tolist(),
+                }
+                save_checkpoint(out_dir / "checkpoints" / f"step_{step}", model, optimizer, state)
+                if shards.rank == 0:
+                    for old in checkpoints(out_dir)[: -config.keep_checkpoints]:
+                        shutil.rmtree(old)
+    finally:
+        bar.close()
+        sampler.close()
+    save_checkpoint(out_dir / "final", model)
+    return TrainResult(out_dir, out_dir / "final", step, evaluation)
+
+
+def _step_metrics(terms, out, shards, grad_norm, optimizer, since_fired, config) -> dict[str, float]:
+    local = torch.stack([terms.sparsity.detach(), terms.preactivation.detach()]).double()
+    shards.all_reduce(local)
+    l0 = shards.all_reduce((out.activations != 0).double().sum(dim=(0, 2)) / out.activations.shape[0])
+    dead = shards.all_reduce((since_fired >= config.dead_feature_window).double().sum())
+    total_features = config.model.num_features * len(l0)
+    metrics = {
+        "loss/total": float(terms.reconstruction.detach() + local.sum() + terms.auxk.detach()),
+        "loss/reconstruction": float(terms.reconstruction.detach()),
+        "loss/sparsity": float(local[0]),
+        "loss/preactivation": float(local[1]),
+        "loss/auxk": float(terms.auxk.detach()),
+        "l0/total": float(l0.sum()),
+        "dead_fraction": float(dead / total_features),
+        "grad_norm": grad_norm,
+        "lr": optimizer.param_groups[0]["lr"],
+    }
+    metrics.update({f"l0/layer_{i}": float(v) for i, v in enumerate(l0)})
+    return metrics
+
+
+def _evaluate(model, store, config, device, tracker, step) -> dict[str, Any]:
+    if config.sampler.holdout_fraction == 0:
+        return {}
+    result = evaluate_holdout(model, store, config.sampler, config.eval_rows, device)
+    if tracker is not None:
+        flat = {"eval/mean_nmse": result["mean_nmse"], "eval/total_l0": result["total_l0"]}
+        flat["eval/dead_fraction"] = result["dead_fraction"]
+        flat.update({f"eval/nmse/layer_{i}": v for i, v in enumerate(result["nmse"])})
+        flat.update({f"eval/explained_variance/layer_{i}": v for i, v in enumerate(result["explained_variance"])})
+        tracker.log_metrics(flat, step)
+    return result
