@@ -1,0 +1,184 @@
+"""Training on synthetic stores: a planted dictionary is recovered, resume is exact, bad runs are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from clt_core.data.norm_stats import compute_norm_stats
+from clt_core.data.sampler import SamplerConfig
+from clt_core.data.store import ActivationStore
+from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
+from clt_core.errors import CLTError
+from clt_core.model.config import CLTConfig
+from clt_core.model.losses import clt_loss
+from clt_core.train.checkpoint import load_model
+from clt_core.train.config import TrainConfig
+from clt_core.train.schedules import lr_factor, sparsity_factor
+from clt_core.train.trainer import checkpoints, train
+
+
+def synthetic(url: str, **kw: object) -> str:
+    spec = {"rows": 8192, "num_layers": 3, "d_model": 32, "num_features": 64, "active_per_token": 4}
+    spec.update({"rows_per_chunk": 256, "dtype": "float32", "noise": 0.01, **kw})
+    make_synthetic_store(url, SyntheticConfig(**spec))
+    compute_norm_stats(ActivationStore.open(url, "a"), progress=False)
+    return url
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return synthetic(str(tmp_path_factory.mktemp("data") / "store"))
+
+
+def config(data: str | None, out: Path, **kw: object) -> TrainConfig:
+    base = {
+        "data": data,
+        "output_dir": str(out),
+        "model": CLTConfig(num_features=128, activation_fn="batchtopk", k=4),
+        "sampler": SamplerConfig(batch_size=256, holdout_fraction=0.1, buffer_chunks=2),
+        "training_steps": 20,
+        "learning_rate": 1e-3,
+        "log_interval": 1,
+        "eval_interval": 10,
+        "checkpoint_interval": 10,
+        "eval_rows": 512,
+    }
+    return TrainConfig(**{**base, **kw})
+
+
+def logged(out: Path) -> list[tuple[int, float]]:
+    """(step, total loss) of every training-metrics line, in file order."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss/total"]) for r in lines if "loss/total" in r]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    return dict(logged(out))
+
+
+def test_a_planted_dictionary_is_recovered(tmp_path: Path) -> None:
+    data = synthetic(str(tmp_path / "planted"), rows=16384, num_layers=4, d_model=64, num_features=128)
+    cfg = config(
+        data,
+        tmp_path / "run",
+        model=CLTConfig(num_features=256, activation_fn="batchtopk", k=4),
+        sampler=SamplerConfig(batch_size=512, holdout_fraction=0.1, buffer_chunks=4),
+        training_steps=400,
+        learning_rate=3e-3,
+        log_interval=50,
+        eval_interval=400,
+        checkpoint_interval=400,
+        eval_rows=4096,
+    )
+    result = train(cfg, progress=False)
+    ev = result.evaluation
+    print(f"planted dictionary: held-out NMSE per layer {ev['nmse']}, L0 {ev['total_l0']:.2f}")
+    assert max(ev["nmse"]) < 0.1
+    assert ev["total_l0"] == pytest.approx(16, abs=1.0)  # k=4 per layer over 4 layers
+    assert min(ev["explained_variance"]) > 0.9
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"model": CLTConfig(num_features=128, activation_fn="batchtopk", k=4), "auxk_coef": 1 / 32,
+         "dead_feature_window": 512},
+        {"model": CLTConfig(num_features=128, activation_fn="jumprelu"), "sparsity_lambda": 1e-2,
+         "preactivation_coef": 1e-3, "sparsity_warmup_steps": 15, "lr_scheduler": "cosine", "warmup_steps": 3},
+    ],
+    ids=["batchtopk-auxk", "jumprelu-penalties"],
+)  # fmt: skip
+def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(
+    store: str, tmp_path: Path, settings: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = train(config(store, tmp_path / "whole", **settings), progress=False)
+    # The same run, interrupted during step 13 (after the step-10 checkpoint), then resumed.
+    from clt_core.train import trainer
+
+    calls = {"n": 0}
+
+    def interrupt_at_step_13(*args: object, **kw: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 13:
+            raise KeyboardInterrupt
+        return clt_loss(*args, **kw)
+
+    monkeypatch.setattr(trainer, "clt_loss", interrupt_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(store, tmp_path / "resumed", **settings), progress=False)
+    monkeypatch.setattr(trainer, "clt_loss", clt_loss)
+    assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step_10"]
+    resumed = train(config(store, tmp_path / "resumed", **settings), resume=True, progress=False)
+    assert resumed.steps == 20
+    a, b = step_losses(whole.output_dir), step_losses(resumed.output_dir)
+    # The resumed run appends to the same metrics file, repeating the steps after its checkpoint exactly.
+    assert [step for step, _ in logged(resumed.output_dir)] == [*range(1, 13), *range(11, 21)]
+    assert a == b  # exactly: same batches, same weights, same optimiser moments, same dead-feature counters
+    wa, wb = load_file(str(whole.final / "model.safetensors")), load_file(str(resumed.final / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_sigkill_during_training_then_resume_gives_the_same_losses(store: str, tmp_path: Path) -> None:
+    cfg = config(store, tmp_path / "killed", training_steps=400, checkpoint_interval=5, eval_interval=1000)
+    args = [sys.executable, "-m", "clt_core.cli", "train", "--quiet", "--data", store, "--out", cfg.output_dir,
+            "--num-features", "128", "--activation-fn", "batchtopk", "--k", "4", "--batch-size", "256",
+            "--holdout-fraction", "0.1", "--buffer-chunks", "2", "--training-steps", "400", "--learning-rate", "1e-3",
+            "--log-interval", "1", "--eval-interval", "1000", "--checkpoint-interval", "5",
+            "--eval-rows", "512"]  # fmt: skip
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
+    deadline = time.monotonic() + 120
+    try:
+        while not any(int(p.name.removeprefix("step_")) >= 10 for p in checkpoints(Path(cfg.output_dir))):
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (Path(cfg.output_dir) / "final").exists()
+    resumed = train(cfg.model_copy(update={"training_steps": 30}), resume=True, progress=False)
+    whole = train(cfg.model_copy(update={"training_steps": 30, "output_dir": str(tmp_path / "whole")}), progress=False)
+    a, b = step_losses(whole.output_dir), step_losses(resumed.output_dir)
+    assert all(a[s] == b[s] for s in range(21, 31)), "the steps after the resume point are the same, bit for bit"
+
+
+def test_a_finished_or_mismatched_run_is_refused(store: str, tmp_path: Path) -> None:
+    train(config(store, tmp_path / "run", training_steps=10), progress=False)
+    with pytest.raises(CLTError, match="--resume"):
+        train(config(store, tmp_path / "run", training_steps=10), progress=False)
+    with pytest.raises(CLTError, match="other settings"):
+        train(config(store, tmp_path / "run", training_steps=20, learning_rate=1e-2), resume=True, progress=False)
+    with pytest.raises(CLTError, match="d_model=16 but the store"):
+        bad = CLTConfig(num_features=128, d_model=16)
+        train(config(store, tmp_path / "other", model=bad), progress=False)
+    with pytest.raises(CLTError, match="--data"):
+        train(config(None, tmp_path / "nodata"), progress=False)
+
+
+def test_checkpoints_load_as_models_and_old_ones_are_pruned(store: str, tmp_path: Path) -> None:
+    result = train(config(store, tmp_path / "run", training_steps=30, keep_checkpoints=2), progress=False)
+    assert [p.name for p in checkpoints(result.output_dir)] == ["step_20", "step_30"]
+    model = load_model(result.final)
+    weights = load_file(str(result.final / "model.safetensors"))
+    assert torch.equal(model.W_enc.detach(), weights["W_enc"])
+    assert weights["W_enc"].shape == (3, 128, 32) and weights["W_dec.1"].shape == (128, 2, 32)
+    x = ActivationStore.open(store).read(0, 8).inputs.float()
+    assert model(x).reconstruction.shape == (8, 3, 32)
+
+
+def test_schedules() -> None:
+    assert [lr_factor(s, 10, 2, "constant") for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 1.0]
+    assert lr_factor(2, 10, 2, "linear") == 1.0 and lr_factor(9, 10, 2, "linear") == pytest.approx(1 / 8)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(5, 10, 0, "linear_final20") == 1.0 and lr_factor(9, 10, 0, "linear_final20") == pytest.approx(0.5)
+    assert [sparsity_factor(s, 4) for s in (0, 3, 10)] == [0.25, 1.0, 1.0] and sparsity_factor(0, 0) == 1.0
