@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/store_read.py
 	$(BIN)/python bench/scramble.py
 	$(BIN)/python bench/extract.py
+	$(BIN)/python bench/train_step.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
