@@ -32,6 +32,10 @@ demo: install
 	$(BIN)/clt scramble $(DEMO_DIR)/acts $(DEMO_DIR)/scrambled --seed 0 --memory-budget 256MB --overwrite
 	$(BIN)/clt sample $(DEMO_DIR)/scrambled --batch-size 1024 --batches 16 --holdout-fraction 0.1
 	$(BIN)/clt info $(DEMO_DIR)/scrambled
+	# A small CLT (256 features per layer, batchtopk k=8), 30 steps; --resume makes a re-run continue, not refuse.
+	$(BIN)/clt train --data $(DEMO_DIR)/scrambled --out $(DEMO_DIR)/clt --resume --num-features 256 \
+		--activation-fn batchtopk --k 8 --batch-size 512 --training-steps 30 --learning-rate 1e-3 \
+		--holdout-fraction 0.1 --log-interval 10 --eval-interval 30 --checkpoint-interval 15 --eval-rows 1024
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: install
