@@ -50,6 +50,70 @@ class JsonlTracker:
         self._write({"artifact": str(path)})
 
 
+class Trackers:
+    """Several trackers as one (the JSONL file always, MLflow when configured)."""
+
+    def __init__(self, *trackers: Tracker) -> None:
+        self.trackers = trackers
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        for t in self.trackers:
+            t.log_params(params)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for t in self.trackers:
+            t.log_metrics(metrics, step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        for t in self.trackers:
+            t.log_artifact(path)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            if hasattr(t, "close"):
+                t.close()
+
+
+class MlflowTracker:
+    """Logs to an MLflow run: the active one if there is one, else a new run in `experiment`."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = "clt", run_name: str | None = None) -> None:
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        self._mlflow = mlflow
+        self._owns_run = mlflow.active_run() is None
+        if self._owns_run:
+            mlflow.set_experiment(experiment)
+            mlflow.start_run(run_name=run_name)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        flat = _flatten(params)
+        self._mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        self._mlflow.log_metrics(clean, step=step)
+
+    def log_artifact(self, path: str | Path) -> None:
+        self._mlflow.log_artifact(str(path))
+
+    def close(self) -> None:
+        if self._owns_run:
+            self._mlflow.end_run()
+
+
+def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _finite(value: float) -> float | str:
     value = float(value)
     return value if math.isfinite(value) else str(value)

@@ -63,3 +63,6 @@ class TrainConfig(Config):
     """Newest step checkpoints kept (the final model is kept apart)."""
     seed: int = 0
     """Seed of everything random in training that the model and sampler seeds do not cover."""
+    mlflow_tracking_uri: str | None = None
+    """Log params, metrics and plots to this MLflow tracking URI (e.g. sqlite:///mlflow.db); metrics.jsonl always."""
+    mlflow_experiment: str = "clt"

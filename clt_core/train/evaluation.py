@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,3 +56,28 @@ def evaluate_holdout(
         "dead_fraction": float((density == 0).double().mean()),
         "feature_density": density,
     }
+
+
+def plot_feature_density(density: torch.Tensor, path: Path) -> Path:
+    """Histogram of log10 firing frequency per layer (dead features counted at the left edge)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = density.shape[0]
+    floor = 1e-7
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = torch.linspace(-7, 0, 57).numpy()
+    for layer in range(L):
+        values = density[layer].clamp_min(floor).log10().numpy()
+        ax.hist(values, bins=bins, histtype="step", label=f"layer {layer}" if L <= 12 else None)
+    dead = float((density == 0).double().mean())
+    ax.set(xlabel="log10 fraction of held-out tokens a feature fires on", ylabel="features")
+    ax.set_title(f"feature density per layer ({dead:.1%} dead, at the left edge)")
+    if L <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -23,11 +23,11 @@ from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.losses import clt_loss
-from clt_core.tracking import JsonlTracker, Tracker
+from clt_core.tracking import JsonlTracker, MlflowTracker, Tracker, Trackers
 from clt_core.train.checkpoint import gather_full, load_training_state, local_slice, save_checkpoint
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
-from clt_core.train.evaluation import evaluate_holdout
+from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
 from clt_core.train.schedules import lr_factor, sparsity_factor
 
 
@@ -116,7 +116,13 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     if shards.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.yaml").write_text(config.to_yaml())
-    tracker = tracker or (JsonlTracker(out_dir / "metrics.jsonl") if shards.rank == 0 else None)
+    if shards.rank == 0:
+        sinks: list[Tracker] = [JsonlTracker(out_dir / "metrics.jsonl")]
+        if config.mlflow_tracking_uri:
+            sinks.append(MlflowTracker(config.mlflow_tracking_uri, config.mlflow_experiment, out_dir.name))
+        tracker = Trackers(*sinks, *([tracker] if tracker is not None else []))
+    else:
+        tracker = None
     if tracker is not None and step == 0:
         tracker.log_params({"model": model_cfg.model_dump(mode="json"), **config.model_dump(mode="json")})
 
@@ -188,6 +194,11 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         bar.close()
         sampler.close()
     save_checkpoint(out_dir / "final", model)
+    if tracker is not None:
+        if evaluation:
+            plot = plot_feature_density(evaluation["feature_density"], out_dir / "final" / "feature_density.png")
+            tracker.log_artifact(plot)
+        tracker.close()
     return TrainResult(out_dir, out_dir / "final", step, evaluation)
 
 

@@ -182,3 +182,21 @@ def test_schedules() -> None:
     assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
     assert lr_factor(5, 10, 0, "linear_final20") == 1.0 and lr_factor(9, 10, 0, "linear_final20") == pytest.approx(0.5)
     assert [sparsity_factor(s, 4) for s in (0, 3, 10)] == [0.25, 1.0, 1.0] and sparsity_factor(0, 0) == 1.0
+
+
+def test_metrics_and_the_density_plot_reach_mlflow(store: str, tmp_path: Path) -> None:
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = config(store, tmp_path / "run", mlflow_tracking_uri=uri, mlflow_experiment="clt-test")
+    result = train(cfg, progress=False)
+    assert (result.final / "feature_density.png").stat().st_size > 1000
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("clt-test")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.data.params["model.activation_fn"] == "batchtopk" and run.data.params["training_steps"] == "20"
+    history = client.get_metric_history(run.info.run_id, "loss.total")
+    assert [m.step for m in history] == list(range(1, 21))
+    assert run.data.metrics["eval.mean_nmse"] == pytest.approx(result.evaluation["mean_nmse"])
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["feature_density.png"]
+    assert run.info.status == "FINISHED"
