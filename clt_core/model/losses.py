@@ -57,7 +57,7 @@ def clt_loss(
     if preactivation_coef > 0:
         gap = (model.threshold - pre).clamp_min(0)
         preactivation = preactivation_coef * (gap * norms).sum(dim=(1, 2)).mean()
-    if auxk_coef > 0 and dead_mask is not None and bool(dead_mask.any()):
+    if auxk_coef > 0 and dead_mask is not None:  # not `dead_mask.any()`: that is local, and _auxk holds collectives
         auxk = auxk_coef * _auxk(model, out, error.detach(), dead_mask, auxk_k)
     return LossTerms(reconstruction + sparsity + preactivation + auxk, reconstruction, sparsity, preactivation, auxk)
 

@@ -30,6 +30,21 @@ from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
 from clt_core.train.schedules import lr_factor, sparsity_factor
 
+# Settings a resumed run may change: they do not alter the run's math (training_steps extends or shortens it, and
+# moves a decaying learning-rate schedule).
+RESUMABLE_CHANGES = {
+    "training_steps",
+    "output_dir",
+    "device",
+    "log_interval",
+    "eval_interval",
+    "eval_rows",
+    "checkpoint_interval",
+    "keep_checkpoints",
+    "mlflow_tracking_uri",
+    "mlflow_experiment",
+}
+
 
 @dataclass
 class TrainResult:
@@ -105,7 +120,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     existing = checkpoints(out_dir)
     if resume and existing:
         state = load_training_state(existing[-1], model, optimizer)
-        if state["config"] != config.model_dump(mode="json", exclude={"training_steps"}):
+        if state["config"] != config.model_dump(mode="json", exclude=RESUMABLE_CHANGES):
             raise ConfigError(f"{existing[-1]} was trained with other settings; resume with the same config")
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
@@ -183,7 +198,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
                 state = {
                     "step": step,
                     "sampler": sampler.state_dict(),
-                    "config": config.model_dump(mode="json", exclude={"training_steps"}),
+                    "config": config.model_dump(mode="json", exclude=RESUMABLE_CHANGES),
                     "since_fired": gather_full(model, "b_enc", since_fired).cpu().tolist(),
                 }
                 save_checkpoint(out_dir / "checkpoints" / f"step_{step}", model, optimizer, state)
