@@ -136,22 +136,29 @@ def _train(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
+    from clt_core.errors import ConfigError
     from clt_core.train.config import TrainConfig
     from clt_core.train.trainer import train
 
-    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        # Re-run this very command under torchrun, one process per feature shard.
-        argv = [a for a in args.argv if not a.startswith("--nproc")]
-        if "--nproc" in args.argv:
-            at = args.argv.index("--nproc")
-            argv = args.argv[:at] + args.argv[at + 2 :]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-        return subprocess.run([*launcher, "-m", "clt_core.cli", *argv]).returncode
     config = config_from_args(TrainConfig, args, args.config)
     if args.data:
         config = config.model_copy(update={"data": args.data})
     if args.out:
         config = config.model_copy(update={"output_dir": args.out})
+    if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        if config.model.num_features % args.nproc:
+            raise ConfigError(f"num_features={config.model.num_features} must be a multiple of --nproc {args.nproc}")
+        # Re-run this very command under torchrun, one process per feature shard.
+        argv = list(args.argv)
+        for i, arg in enumerate(argv):
+            if arg == "--nproc":
+                del argv[i : i + 2]
+                break
+            if arg.startswith("--nproc="):
+                del argv[i]
+                break
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        return subprocess.run([*launcher, "-m", "clt_core.cli", *argv]).returncode
     result = train(config, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.evaluation

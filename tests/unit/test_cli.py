@@ -147,3 +147,16 @@ def test_argparse_errors_exit_with_status_2(capsys: pytest.CaptureFixture[str]) 
         main(["make-synthetic", "/tmp/x", "--dtype", "int8"])
     assert info.value.code == 2
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def test_train_refuses_bad_runs_in_one_line(synthetic: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = str(tmp_path / "run")
+    cases = [
+        (["--out", out], "pass --data URL"),
+        (["--data", str(tmp_path / "nope"), "--out", out], "no activation store here"),
+        (["--data", synthetic, "--out", out, "--num-features", "127", "--nproc", "2"], "multiple of --nproc 2"),
+        (["--data", synthetic, "--out", out, "--activation-fn", "topk", "--num-features", "8", "--k", "9"], "k=9"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(capsys, "train", "-q", *argv)
+        assert code == 2 and message in err and err.count("\n") == 1, err
