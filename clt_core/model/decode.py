@@ -54,4 +54,5 @@ def decode(a: torch.Tensor, W: torch.Tensor, sparse: bool, grad_mask: torch.Tens
         return a @ W if torch.is_autocast_enabled(a.device.type) else a.to(W.dtype) @ W
     pattern = a != 0 if grad_mask is None else (a != 0) | grad_mask
     rows, cols = pattern.nonzero(as_tuple=True)
-    return _SparseDecode.apply(a[rows, cols], rows, cols, W, a.shape[0])
+    with torch.autocast(a.device.type, enabled=False):  # sparse CSR products have no bf16 kernels on CPU
+        return _SparseDecode.apply(a[rows, cols], rows, cols, W, a.shape[0])

@@ -200,3 +200,14 @@ def test_metrics_and_the_density_plot_reach_mlflow(store: str, tmp_path: Path) -
     assert run.data.metrics["eval.mean_nmse"] == pytest.approx(result.evaluation["mean_nmse"])
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["feature_density.png"]
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
+def test_bf16_autocast_trains_close_to_float32(store: str, tmp_path: Path, activation: str) -> None:
+    model = CLTConfig(num_features=128, activation_fn=activation, k=4)
+    settings = {"model": model, "training_steps": 10, "sparsity_lambda": 1e-3 if activation == "jumprelu" else 0.0}
+    fp32 = train(config(store, tmp_path / "fp32", **settings), progress=False)
+    bf16 = train(config(store, tmp_path / "bf16", precision="bf16", **settings), progress=False)
+    a, b = step_losses(fp32.output_dir), step_losses(bf16.output_dir)
+    assert all(abs(a[s] - b[s]) <= 0.02 * abs(a[s]) for s in a), (a, b)
+    assert load_file(str(bf16.final / "model.safetensors"))["W_enc"].dtype == torch.float32
