@@ -93,4 +93,4 @@ def select_topk(z: torch.Tensor, k: float, per_batch: bool, scope: str, shards: 
     mask = mask.reshape(L, B, F).transpose(0, 1) if layer_major else mask.reshape(B, L, F)
     if bool((threshold <= 0).any()):  # some selected values may be negative: they become 0
         mask = mask & (z.detach() > 0)
-    return z * mask
+    return z * mask.to(z.dtype)  # one conversion, saved for the backward (a bool mask is converted twice)
