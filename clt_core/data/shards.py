@@ -19,7 +19,7 @@ import zarr
 
 from clt_core.data.norm_stats import NormStats, NormStatsAccumulator, RunningMoments
 from clt_core.data.storage import storage_errors
-from clt_core.data.store import ActivationStore
+from clt_core.data.store import ActivationStore, require_group
 from clt_core.errors import ConfigError, StoreError
 
 GROUP = "shards"
@@ -69,7 +69,7 @@ class ShardProgress:
 
 
 def _records(store: ActivationStore) -> zarr.Group:
-    return store.group.require_group(GROUP)
+    return require_group(store.group, GROUP)
 
 
 def read_progress(store: ActivationStore, shard: Shard) -> ShardProgress | None:
@@ -86,14 +86,14 @@ def read_progress(store: ActivationStore, shard: Shard) -> ShardProgress | None:
 def record_progress(store: ActivationStore, shard: Shard, progress: ShardProgress) -> None:
     """Write the shard's record (one atomic metadata write)."""
     with storage_errors(store.url, f"record the progress of shard {shard.name}"):
-        group = _records(store).require_group(shard.name)
+        group = require_group(_records(store), shard.name)
         group.attrs.update(vars(progress))
 
 
 def record_done(store: ActivationStore, shard: Shard, progress: ShardProgress, stats: NormStatsAccumulator) -> None:
     """Store the shard's moments, then mark it done (in that order, so a done shard always has its moments)."""
     with storage_errors(store.url, f"record shard {shard.name} as done"):
-        group = _records(store).require_group(shard.name)
+        group = require_group(_records(store), shard.name)
         values = (stats.inputs.mean, stats.inputs.m2, stats.targets.mean, stats.targets.m2)
         for name, value in zip(_MOMENTS, values, strict=True):
             arr = group.create_array(name, shape=value.shape, dtype=np.float64, chunks=value.shape, overwrite=True)

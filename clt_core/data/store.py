@@ -22,7 +22,7 @@ import torch
 import zarr
 from pydantic import BaseModel, ConfigDict, ValidationError
 from zarr.codecs import ZstdCodec
-from zarr.errors import ContainsArrayError
+from zarr.errors import ContainsArrayError, ContainsGroupError
 
 from clt_core.data.norm_stats import NormStats
 from clt_core.data.storage import StoreLocation, parse_url, storage_errors, zarr_store
@@ -387,7 +387,7 @@ class ActivationStore:
             raise StoreError(f"{self.url}: opened read-only")
         shape = (self.num_layers, self.d_model)
         with storage_errors(self.url, "write norm stats"):
-            group = self.group.require_group("norm_stats")
+            group = require_group(self.group, "norm_stats")
             for name in NormStats.ARRAYS:
                 value = np.asarray(getattr(stats, name), dtype=np.float64)
                 if value.shape != shape:
@@ -414,6 +414,15 @@ class ActivationStore:
             f"ActivationStore({self.url!r}, rows={i.rows_committed}, layers={i.num_layers}, d_model={i.d_model}, "
             f"dtype={i.dtype}, rows_per_chunk={self.rows_per_chunk})"
         )
+
+
+def require_group(parent: zarr.Group, name: str) -> zarr.Group:
+    """`parent.require_group(name)` that tolerates another process creating the group at the same moment (the
+    shards of a parallel write do), which Zarr reports as ContainsGroupError."""
+    try:
+        return parent.require_group(name)
+    except ContainsGroupError:
+        return parent[name]
 
 
 def _read_slice(arr: zarr.Array, start: int, stop: int) -> np.ndarray:

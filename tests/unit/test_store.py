@@ -541,3 +541,22 @@ def test_a_kill_between_resizing_the_arrays_loses_no_rows(tmp_path: Path) -> Non
     rows = ActivationStore.open(url).read(0, 40)
     assert torch.equal(rows.targets, -x) and torch.equal(rows.token_ids, torch.arange(40, dtype=torch.int32))
     assert all(a.shape[0] == 40 for a in (again.inputs, again.targets, again.token_ids))
+
+
+def test_require_group_tolerates_a_group_made_meanwhile_by_another_process(tmp_path: Path) -> None:
+    import zarr
+    from zarr.errors import ContainsGroupError
+
+    from clt_core.data.store import require_group
+
+    root = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
+
+    class RacedParent:  # what two shards finishing at once on S3 saw: the group appears between check and write
+        def require_group(self, name: str) -> zarr.Group:
+            root.require_group(name)
+            raise ContainsGroupError(name)
+
+        def __getitem__(self, name: str) -> zarr.Group:
+            return root[name]
+
+    assert require_group(RacedParent(), "norm_stats").path == "norm_stats"
