@@ -140,9 +140,7 @@ def _train(args: argparse.Namespace) -> int:
     from clt_core.train.config import TrainConfig
     from clt_core.train.trainer import train
 
-    config = config_from_args(TrainConfig, args, args.config)
-    if args.data:
-        config = config.model_copy(update={"data": args.data})
+    config = config_from_args(TrainConfig, args, args.config)  # `--data` is the field `data` itself
     if args.out:
         config = config.model_copy(update={"output_dir": args.out})
     if args.nproc > 1 and "WORLD_SIZE" not in os.environ:

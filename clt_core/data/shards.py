@@ -108,11 +108,13 @@ def shards_done(url: str, count: int) -> list[int]:
     return [i for i in range(count) if (p := read_progress(store, Shard(i, count))) is not None and p.done]
 
 
-def finish(url: str, count: int, total_rows: int) -> NormStats | None:
+def finish(url: str, count: int, total_rows: int) -> tuple[int, NormStats | None]:
     """If all `count` shards are done: merge their moments, write the norm stats and commit all `total_rows` rows.
-    Returns the stats, or None while shards are still running. Safe to call any number of times, from any shard."""
-    if len(shards_done(url, count)) < count:
-        return None
+    Returns how many shards are done, and the stats (None while shards are still running). Safe to call any number
+    of times, from any shard."""
+    done = len(shards_done(url, count))
+    if done < count:
+        return done, None
     store = ActivationStore.open(url, mode="a")
     acc = NormStatsAccumulator(store.num_layers, store.d_model)
     with storage_errors(store.url, "merge the shards' norm stats"):
@@ -128,7 +130,7 @@ def finish(url: str, count: int, total_rows: int) -> NormStats | None:
         raise StoreError(f"{url}: the shards hold {stats.count:,} rows, {total_rows:,} were planned")
     store.write_norm_stats(stats)
     store.update_info(rows_committed=total_rows)
-    return stats
+    return count, stats
 
 
 def describe_progress(store: ActivationStore) -> str | None:

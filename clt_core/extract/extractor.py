@@ -28,9 +28,9 @@ from clt_core.data.shards import (
     read_progress,
     record_done,
     record_progress,
-    shards_done,
 )
 from clt_core.data.store import ActivationStore, DType
+from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, resolve_model
 from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, rows_between
@@ -92,14 +92,6 @@ class ExtractSummary:
                 f"finished; the store is committed when the last one finishes"
             )
         return line + f"{self.url} holds {self.rows:,} rows with norm stats"
-
-
-def _device(spec: str) -> str:
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} asked for, but CUDA is not available here; use --device cpu")
-    return spec
 
 
 def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoints, shards: int) -> dict[str, Any]:
@@ -210,7 +202,7 @@ def extract(
     sharded = shard.count > 1
     if sharded and overwrite:
         raise ConfigError("--overwrite with --shard would delete the other shards' rows; delete the store first")
-    device = _device(config.device)
+    device = resolve_device(config.device)
     loaded = resolve_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype], device=device)
     if loaded.max_context is not None and config.context_size > loaded.max_context:
         raise ConfigError(
@@ -290,7 +282,6 @@ def _finish_shard(
     store: ActivationStore, config: ExtractConfig, shard: Shard, written: int, seconds: float, resumed_from: int
 ) -> ExtractSummary:
     """Commit the store if this was the last shard to finish; say how far the shards are."""
-    stats = finish(store.url, shard.count, config.tokens)
-    finished = shard.count if stats is not None else len(shards_done(store.url, shard.count))
+    finished, stats = finish(store.url, shard.count, config.tokens)
     rows = config.tokens if stats is not None else 0
     return ExtractSummary(store.url, rows, written, seconds, resumed_from, shard, finished)

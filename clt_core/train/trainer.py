@@ -20,8 +20,10 @@ from tqdm import tqdm
 
 from clt_core.data.sampler import ActivationSampler
 from clt_core.data.store import ActivationStore
+from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
+from clt_core.model.config import CLTConfig
 from clt_core.model.losses import clt_loss
 from clt_core.tracking import JsonlTracker, MlflowTracker, Tracker, Trackers
 from clt_core.train.checkpoint import gather_full, load_training_state, local_slice, save_checkpoint
@@ -55,12 +57,6 @@ class TrainResult:
     evaluation: dict[str, Any]
 
 
-def _device(spec: str) -> str:
-    if spec == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return spec
-
-
 def checkpoints(output_dir: Path) -> list[Path]:
     """Step checkpoints, oldest first."""
     found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()]
@@ -88,7 +84,7 @@ def train(
     """Train (or, with `resume`, continue training) a CLT on `config.data`; see TrainConfig."""
     if config.data is None:
         raise ConfigError("no training data: pass --data URL (or set `data:` in the config)")
-    device = _device(config.device)
+    device = resolve_device(config.device)
     shards = init_feature_shards(device)
     try:
         return _train(config, shards, device, resume, tracker, progress)
@@ -104,8 +100,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         given = getattr(config.model, key)
         if given is not None and given != value:
             raise ConfigError(f"model.{key}={given} but the store {store.url} has {key}={value}")
-    model_cfg = config.model.model_copy(update=geometry)
-    model_cfg = type(model_cfg).model_validate(model_cfg.model_dump())  # re-run the checks with the geometry
+    model_cfg = CLTConfig.from_dict({**config.model.model_dump(), **geometry}, source=store.url)  # checks k too
     torch.manual_seed(config.seed)
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
     opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
@@ -131,7 +126,6 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     if shards.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.yaml").write_text(config.to_yaml())
-    if shards.rank == 0:
         sinks: list[Tracker] = [JsonlTracker(out_dir / "metrics.jsonl")]
         if config.mlflow_tracking_uri:
             sinks.append(MlflowTracker(config.mlflow_tracking_uri, config.mlflow_experiment, out_dir.name))

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from clt_core.cli import main
 from clt_core.data.store import ActivationStore
@@ -157,6 +158,8 @@ def test_train_refuses_bad_runs_in_one_line(synthetic: str, tmp_path: Path, caps
         (["--data", synthetic, "--out", out, "--num-features", "127", "--nproc", "2"], "multiple of --nproc 2"),
         (["--data", synthetic, "--out", out, "--activation-fn", "topk", "--num-features", "8", "--k", "9"], "k=9"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--data", synthetic, "--out", out, "--device", "cuda"], "CUDA is not available"))
     for argv, message in cases:
         code, _, err = run(capsys, "train", "-q", *argv)
         assert code == 2 and message in err and err.count("\n") == 1, err
