@@ -87,7 +87,7 @@ def record_progress(store: ActivationStore, shard: Shard, progress: ShardProgres
     """Write the shard's record (one atomic metadata write)."""
     with storage_errors(store.url, f"record the progress of shard {shard.name}"):
         group = require_group(_records(store), shard.name)
-        group.attrs.update(vars(progress))
+        group.update_attributes(vars(progress))  # attrs.update would write once per key
 
 
 def record_done(store: ActivationStore, shard: Shard, progress: ShardProgress, stats: NormStatsAccumulator) -> None:

@@ -181,7 +181,7 @@ class ActivationStore:
             if exist_ok:
                 group = zarr.open_group(zarr_store(loc, read_only=False), mode="a", zarr_format=3)
                 if INFO_KEY not in group.attrs:  # only when this process made the group
-                    group.attrs.update(metadata)
+                    group.update_attributes(metadata)
             else:
                 group = zarr.open_group(zarr_store(loc, read_only=False), mode="w", zarr_format=3, attributes=metadata)
             for name, spec in arrays.items():

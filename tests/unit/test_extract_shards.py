@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from clt_core.data.shards import Shard, describe_progress, read_progress
+from clt_core.data.shards import Shard, ShardProgress, describe_progress, read_progress, record_progress
 from clt_core.data.store import ActivationStore, store_exists
 from clt_core.data.verify import verify_store
 from clt_core.errors import CLTError
@@ -83,6 +84,27 @@ def test_shard_ranges_are_whole_chunks_that_cover_the_rows() -> None:
     for bad in ["5/5", "1", "a/b", "-1/3"]:
         with pytest.raises(CLTError, match="shard"):
             Shard.parse(bad)
+
+
+def test_a_progress_record_is_one_metadata_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reader polling a running shard must never see half a record (Zarr's attrs.update writes once per key)."""
+    import zarr.core.group
+
+    store = ActivationStore.create(str(tmp_path / "s"), num_layers=2, d_model=8, rows_per_chunk=4, reserve_rows=8)
+    shard = Shard(1, 2)
+    record_progress(store, shard, ShardProgress(4, 8))  # makes the record's group
+    record = tmp_path / "s" / "shards" / shard.name / "zarr.json"
+    seen: list[dict] = []
+    save = zarr.core.group.AsyncGroup._save_metadata
+
+    async def save_and_read(self: zarr.core.group.AsyncGroup, *args: object, **kw: object) -> None:
+        await save(self, *args, **kw)
+        seen.append(json.loads(record.read_text())["attributes"])
+
+    monkeypatch.setattr(zarr.core.group.AsyncGroup, "_save_metadata", save_and_read)
+    record_progress(store, shard, ShardProgress(4, 8, rows_done=4, done=True))
+    assert seen == [{"start": 4, "stop": 8, "rows_done": 4, "done": True}]
+    assert read_progress(store, shard) == ShardProgress(4, 8, 4, True)
 
 
 def test_sharded_extraction_equals_the_unsharded_one(
