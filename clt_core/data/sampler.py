@@ -69,21 +69,52 @@ def split_chunks(num_chunks: int, holdout_fraction: float) -> tuple[range, range
 
 
 class Normalizer:
-    """Standardises rows with a store's norm stats: `(x - mean) / std` with std floored at `eps`, computed as
-    `x·scale + bias` in float32."""
+    """Standardises rows: `(x - mean) / std` per layer and dimension, computed as `x·scale + bias` in float32.
+    `std` is already floored; the four `[L, d]` tensors are what a model directory's `normalization.safetensors`
+    holds, so a trained model carries the exact affine map it was trained behind."""
 
-    def __init__(self, stats: NormStats, eps: float = 1e-6) -> None:
+    def __init__(
+        self, inputs_mean: torch.Tensor, inputs_std: torch.Tensor, targets_mean: torch.Tensor, targets_std: torch.Tensor
+    ) -> None:
         f32 = torch.float32
-        self.inputs_scale = 1.0 / torch.as_tensor(stats.inputs_std, dtype=f32).clamp_min(eps)
-        self.inputs_bias = -torch.as_tensor(stats.inputs_mean, dtype=f32) * self.inputs_scale
-        self.targets_scale = 1.0 / torch.as_tensor(stats.targets_std, dtype=f32).clamp_min(eps)
-        self.targets_bias = -torch.as_tensor(stats.targets_mean, dtype=f32) * self.targets_scale
+        self.inputs_mean, self.inputs_std = inputs_mean.to(f32), inputs_std.to(f32)
+        self.targets_mean, self.targets_std = targets_mean.to(f32), targets_std.to(f32)
+        self.inputs_scale = 1.0 / self.inputs_std
+        self.inputs_bias = -self.inputs_mean * self.inputs_scale
+        self.targets_scale = 1.0 / self.targets_std
+        self.targets_bias = -self.targets_mean * self.targets_scale
+
+    @classmethod
+    def from_stats(cls, stats: NormStats, eps: float = 1e-6) -> Normalizer:
+        """From a store's norm stats, std floored at `eps`."""
+
+        def t(a: object) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=torch.float32)
+
+        inputs_std, targets_std = t(stats.inputs_std).clamp_min(eps), t(stats.targets_std).clamp_min(eps)
+        return cls(t(stats.inputs_mean), inputs_std, t(stats.targets_mean), targets_std)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "inputs_mean": self.inputs_mean,
+            "inputs_std": self.inputs_std,
+            "targets_mean": self.targets_mean,
+            "targets_std": self.targets_std,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Normalizer:
+        return cls(state["inputs_mean"], state["inputs_std"], state["targets_mean"], state["targets_std"])
 
     def inputs(self, x: torch.Tensor) -> torch.Tensor:
         return _affine(x, self.inputs_scale, self.inputs_bias)
 
     def targets(self, y: torch.Tensor) -> torch.Tensor:
         return _affine(y, self.targets_scale, self.targets_bias)
+
+    def raw_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """Normalised targets (e.g. a reconstruction) back to raw activations."""
+        return y.to(torch.float32) * self.targets_std + self.targets_mean
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -103,7 +134,7 @@ def make_normalizer(store: ActivationStore, method: str) -> Normalizer | None:
                 f"`clt norm-stats {store.url}` first"
             )
         return None
-    return Normalizer(stats)
+    return Normalizer.from_stats(stats)
 
 
 def output_dtype(store: ActivationStore, config: SamplerConfig) -> torch.dtype:

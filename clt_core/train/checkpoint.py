@@ -1,7 +1,10 @@
 """Checkpoints: unsharded, so a run saved with N feature shards resumes with any other number.
 
-A checkpoint directory holds `config.json` (the CLTConfig), `model.safetensors` (full parameters: `W_enc [L,F,d]`,
-`b_enc [L,F]`, `W_dec.{s} [F,L-s,d]`, `b_dec [L,d]`, `log_threshold [L,F]`), and for resuming
+A checkpoint directory (a "model directory": also what `clt convert` writes) holds `config.json` (the CLTConfig),
+`model.safetensors` (full parameters: `W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec.{s} [F,L-s,d]`, `b_dec [L,d]`,
+`log_threshold [L,F]`), `normalization.safetensors` (the `[L,d]` mean and std the model's inputs and targets were
+standardised with; absent when training used none), `source.json` (the training store's URL and metadata: the
+language model, its hook templates, context size), and for resuming
 `optimizer.safetensors` (Adam moments and step per parameter, also full) and `trainer_state.json` (step, sampler
 position, schedules, RNG state). Nothing is pickled. It is written to a temporary directory and renamed into place,
 so a checkpoint directory is either complete or absent.
@@ -17,10 +20,14 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.parallel import FeatureShards
+
+NORMALIZATION_FILE = "normalization.safetensors"
+SOURCE_FILE = "source.json"
 
 
 def feature_dim(name: str) -> int | None:
@@ -65,6 +72,8 @@ def save_checkpoint(
     model: CrossLayerTranscoder,
     optimizer: torch.optim.Optimizer | None = None,
     trainer_state: dict[str, Any] | None = None,
+    normalizer: Normalizer | None = None,
+    source: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint at `path` (collective: all ranks call it, rank 0 writes)."""
     weights = model_state(model)
@@ -76,6 +85,7 @@ def save_checkpoint(
     tmp.mkdir(parents=True)
     (tmp / "config.json").write_text(model.config.model_dump_json(indent=2))
     save_file(weights, str(tmp / "model.safetensors"))
+    write_model_extras(tmp, normalizer, source)
     if moments is not None:
         save_file(moments, str(tmp / "optimizer.safetensors"))
     if trainer_state is not None:
@@ -86,6 +96,26 @@ def save_checkpoint(
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
+
+
+def write_model_extras(path: Path, normalizer: Normalizer | None, source: dict[str, Any] | None) -> None:
+    """The files that make a model directory self-contained: its normalisation and its source."""
+    if normalizer is not None:
+        save_file({k: v.contiguous() for k, v in normalizer.state_dict().items()}, str(path / NORMALIZATION_FILE))
+    if source is not None:
+        (path / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+
+
+def read_normalizer(path: str | Path) -> Normalizer | None:
+    """The normalisation a model was trained behind (None: it saw raw activations)."""
+    file = Path(path) / NORMALIZATION_FILE
+    return Normalizer.from_state_dict(load_file(str(file))) if file.exists() else None
+
+
+def read_source(path: str | Path) -> dict[str, Any]:
+    """`{"data": store URL, "store": the store's metadata}` of the model's training data ({} if unknown)."""
+    file = Path(path) / SOURCE_FILE
+    return json.loads(file.read_text()) if file.exists() else {}
 
 
 def read_config(path: Path) -> CLTConfig:

@@ -109,6 +109,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     fused = device.split(":")[0] in ("cpu", "cuda")
     optimizer = opt_cls(model.parameters(), lr=config.learning_rate, betas=config.betas, fused=fused, **extra)
     sampler = ActivationSampler(store, config.sampler)
+    extras = (sampler.normalizer, {"data": store.url, "store": store.info.model_dump(mode="json")})
     L, F_local = model_cfg.num_layers, model.num_local_features
     since_fired = torch.zeros(L, F_local, dtype=torch.float64, device=device)
     step = 0
@@ -195,14 +196,14 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
                     "config": config.model_dump(mode="json", exclude=RESUMABLE_CHANGES),
                     "since_fired": gather_full(model, "b_enc", since_fired).cpu().tolist(),
                 }
-                save_checkpoint(out_dir / "checkpoints" / f"step_{step}", model, optimizer, state)
+                save_checkpoint(out_dir / "checkpoints" / f"step_{step}", model, optimizer, state, *extras)
                 if shards.rank == 0:
                     for old in checkpoints(out_dir)[: -config.keep_checkpoints]:
                         shutil.rmtree(old)
     finally:
         bar.close()
         sampler.close()
-    save_checkpoint(out_dir / "final", model)
+    save_checkpoint(out_dir / "final", model, None, None, *extras)
     if tracker is not None:
         if evaluation:
             plot = plot_feature_density(evaluation["feature_density"], out_dir / "final" / "feature_density.png")

@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from clt_core.data.norm_stats import compute_norm_stats
-from clt_core.data.sampler import SamplerConfig
+from clt_core.data.sampler import SamplerConfig, make_normalizer
 from clt_core.data.store import ActivationStore
 from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 from clt_core.errors import CLTError
 from clt_core.model.config import CLTConfig
 from clt_core.model.losses import clt_loss
-from clt_core.train.checkpoint import load_model
+from clt_core.train.checkpoint import load_model, read_normalizer, read_source
 from clt_core.train.config import TrainConfig
 from clt_core.train.schedules import lr_factor, sparsity_factor
 from clt_core.train.trainer import checkpoints, train
@@ -174,6 +174,22 @@ def test_checkpoints_load_as_models_and_old_ones_are_pruned(store: str, tmp_path
     assert weights["W_enc"].shape == (3, 128, 32) and weights["W_dec.1"].shape == (128, 2, 32)
     x = ActivationStore.open(store).read(0, 8).inputs.float()
     assert model(x).reconstruction.shape == (8, 3, 32)
+
+
+def test_a_model_directory_carries_its_normalisation_and_source(store: str, tmp_path: Path) -> None:
+    result = train(config(store, tmp_path / "run", training_steps=10), progress=False)
+    data = ActivationStore.open(store)
+    rows = data.read(0, 16)
+    expected = make_normalizer(data, "auto")
+    for directory in (result.final, checkpoints(result.output_dir)[-1]):
+        normalizer = read_normalizer(directory)
+        assert torch.equal(normalizer.inputs(rows.inputs), expected.inputs(rows.inputs))  # the training map, bitwise
+        assert torch.allclose(normalizer.raw_targets(normalizer.targets(rows.targets)), rows.targets, atol=1e-5)
+        source = read_source(directory)
+        assert source["data"] == data.url and source["store"]["d_model"] == 32
+    unnormalised = config(store, tmp_path / "raw", training_steps=10, sampler=SamplerConfig(
+        batch_size=256, holdout_fraction=0.1, buffer_chunks=2, normalization_method="none"))  # fmt: skip
+    assert read_normalizer(train(unnormalised, progress=False).final) is None
 
 
 def test_schedules() -> None:
