@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,16 @@ def evaluate_holdout(
     model: CrossLayerTranscoder, store: ActivationStore, sampler: SamplerConfig, max_rows: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Per-layer metrics over up to `max_rows` held-out rows (every rank reads the same rows)."""
+    batches = ((b.inputs, b.targets) for b in holdout_batches(store, sampler, max_rows=max_rows))
+    return reconstruction_metrics(model, batches, device)
+
+
+@torch.no_grad()
+def reconstruction_metrics(
+    model: CrossLayerTranscoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str = "cpu"
+) -> dict[str, Any]:
+    """NMSE, explained variance and L0 per layer, dead fraction and feature density over (inputs, targets) batches
+    of normalised rows."""
     L = model.config.num_layers
     sq_err = torch.zeros(L, dtype=torch.float64)
     sum_y = torch.zeros(L, dtype=torch.float64)
@@ -26,9 +37,9 @@ def evaluate_holdout(
     fired = torch.zeros(L, model.num_local_features, dtype=torch.float64)
     rows = 0
     d = model.config.d_model
-    for batch in holdout_batches(store, sampler, max_rows=max_rows):
-        x = batch.inputs.to(device, torch.float32)
-        y = batch.targets.to(device, torch.float32)
+    for inputs, targets in batches:
+        x = inputs.to(device, torch.float32)
+        y = targets.to(device, torch.float32)
         out = model(x)
         err = (out.reconstruction - y).double()
         sq_err += err.pow(2).sum(dim=(0, 2)).cpu()

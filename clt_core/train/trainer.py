@@ -109,7 +109,8 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     fused = device.split(":")[0] in ("cpu", "cuda")
     optimizer = opt_cls(model.parameters(), lr=config.learning_rate, betas=config.betas, fused=fused, **extra)
     sampler = ActivationSampler(store, config.sampler)
-    extras = (sampler.normalizer, {"data": store.url, "store": store.info.model_dump(mode="json")})
+    source = {"data": store.url, "store": store.info.model_dump(mode="json"), "sampler": config.sampler.model_dump()}
+    extras = (sampler.normalizer, source)
     L, F_local = model_cfg.num_layers, model.num_local_features
     since_fired = torch.zeros(L, F_local, dtype=torch.float64, device=device)
     step = 0
