@@ -174,7 +174,43 @@ def _make_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from clt_core.convert import ConvertConfig, convert, describe
+
+    config = config_from_args(ConvertConfig, args, args.config)
+    report = convert(
+        args.checkpoint, args.out, config, data=args.data, overwrite=args.overwrite, progress=not args.quiet
+    )
+    print(describe(report))
+    print(f"JumpReLU model in {args.out} (report: {args.out}/conversion.json)")
+    return 0
+
+
+def _analyze_theta(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clt_core.convert.theta import threshold_statistics
+    from clt_core.errors import ConfigError
+    from clt_core.evaluate.plots import plot_thresholds
+    from clt_core.train.checkpoint import load_model
+
+    model = load_model(args.model_dir)
+    if model.config.activation_fn != "jumprelu":
+        raise ConfigError(f"{args.model_dir} is a {model.config.activation_fn} model: no thresholds; convert it first")
+    out = Path(args.out or Path(args.model_dir) / "theta")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = threshold_statistics(model.threshold.detach())
+    (out / "thresholds.json").write_text(json.dumps(rows, indent=2))
+    print(f"{'layer':>5} {'silent':>6} {'min':>9} {'p10':>9} {'median':>9} {'p90':>9} {'max':>9}")
+    for r in rows:
+        values = " ".join(f"{r[k]:9.4g}" for k in ("min", "p10", "median", "p90", "max"))
+        print(f"{r['layer']:>5} {r['silent']:>6} {values}")
+    print(f"histogram: {plot_thresholds(model, out / 'thresholds.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from clt_core.convert import ConvertConfig
     from clt_core.data.sampler import SamplerConfig
     from clt_core.data.scramble import ScrambleConfig
     from clt_core.data.synthetic import SyntheticConfig
@@ -259,6 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with synthetic-data settings; flags override it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     add_config_arguments(p, SyntheticConfig)
+    p = command("convert", _convert, "Convert a batchtopk/topk model to JumpReLU: estimate thresholds, calibrate L0.")
+    p.add_argument("checkpoint", help="model directory of a batchtopk/topk model (e.g. RUN/final)")
+    p.add_argument("--out", required=True, help="directory for the JumpReLU model")
+    p.add_argument("--data", help="store URL to fit and evaluate on (default: the one the model was trained on)")
+    p.add_argument("--config", help="YAML file with conversion settings; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_config_arguments(p, ConvertConfig)
+
+    p = command(
+        "analyze-theta", _analyze_theta, "Per-layer statistics and a histogram of a JumpReLU model's thresholds."
+    )
+    p.add_argument("model_dir")
+    p.add_argument("--out", help="directory for thresholds.json and thresholds.png (default: MODEL_DIR/theta)")
     return parser
 
 
