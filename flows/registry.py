@@ -1,0 +1,131 @@
+"""The MLflow model registry: log a converted JumpReLU model as a pyfunc model, register it, and move the alias
+`champion` only when its held-out evaluation beats the current champion's.
+
+Every version is tagged with its metrics and with the gate's decision and reason, so the registry itself says why a
+version was or was not promoted. The pyfunc model is "models from code" (`flows/pyfunc_model.py`): nothing pickled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CHAMPION = "champion"
+PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What "better" means: `metric` (from the evaluation), lower or higher better; an NMSE is only compared at a
+    matched L0 (the challenger's total L0 at most `l0_slack` above the champion's)."""
+
+    metric: str = "mean_nmse"
+    higher_is_better: bool = False
+    l0_slack: float = 0.1
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+
+
+def decide(challenger: dict[str, float], champion: dict[str, float] | None, gate: Gate) -> Decision:
+    """Whether a version with metrics `challenger` should replace the version with metrics `champion`."""
+    value = challenger.get(gate.metric)
+    if value is None or not math.isfinite(value):
+        return Decision(False, f"no finite {gate.metric} in the evaluation")
+    if champion is None:
+        return Decision(True, f"first version ({gate.metric}={value:.6g})")
+    best = champion.get(gate.metric)
+    if best is None or not math.isfinite(best):
+        return Decision(True, f"the champion has no {gate.metric}")
+    if "l0" not in gate.metric and "total_l0" in challenger and "total_l0" in champion:
+        limit = champion["total_l0"] * (1 + gate.l0_slack)
+        if challenger["total_l0"] > limit:
+            above = f"L0 {challenger['total_l0']:.2f} is above the champion's {champion['total_l0']:.2f}"
+            return Decision(False, f"{above} + {gate.l0_slack:.0%}")
+    better = value > best if gate.higher_is_better else value < best
+    relation = "better than" if better else "not better than"
+    return Decision(better, f"{gate.metric}={value:.6g} is {relation} the champion's {best:.6g}")
+
+
+def version_metrics(version: Any) -> dict[str, float]:
+    """Metrics stored as `metric.NAME` tags on a model version."""
+    return {k.removeprefix("metric."): float(v) for k, v in version.tags.items() if k.startswith("metric.")}
+
+
+def register_model(
+    model_dir: str | Path,
+    export_dir: str | Path | None,
+    name: str,
+    metrics: dict[str, float],
+    gate: Gate | None = None,
+    tags: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """In the active MLflow run: log the pyfunc model (native files + circuit-tracer export), register it as a new
+    version of `name`, tag it with `metrics`, and move `champion` to it if the gate says so. Idempotent per run: a
+    run that already registered a version of `name` gets that version back, with nothing moved."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    gate = gate or Gate()
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("register_model needs an active MLflow run")
+    client = MlflowClient()
+    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run.info.run_id]
+    if existing:
+        version = existing[0]
+        return {"name": name, "version": str(version.version), "promoted": version.tags.get("promoted") == "true",
+                "reason": version.tags.get("promotion_reason", ""), "reused": True}  # fmt: skip
+    artifacts = {"model": str(model_dir)}
+    if export_dir is not None:
+        artifacts["circuit_tracer"] = str(export_dir)
+    info = mlflow.pyfunc.log_model(
+        name="clt",
+        python_model=str(PYFUNC_CODE),
+        artifacts=artifacts,
+        signature=_signature(model_dir),
+        registered_model_name=name,
+        pip_requirements=["clt-pipeline", "mlflow", "torch", "safetensors"],
+    )
+    version = str(info.registered_model_version)
+    champion = _champion(client, name)
+    decision = decide(metrics, None if champion is None else version_metrics(champion), gate)
+    for key, value in {**{f"metric.{k}": f"{v:.8g}" for k, v in metrics.items()}, **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_model_version_tag(name, version, "promoted", str(decision.promote).lower())
+    client.set_model_version_tag(name, version, "promotion_reason", decision.reason)
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return {"name": name, "version": version, "promoted": decision.promote, "reason": decision.reason,
+            "reused": False}  # fmt: skip
+
+
+def _signature(model_dir: str | Path) -> Any:
+    """Raw MLP inputs `[N, L, d]` float32 in, `[N, L, d]` (or features `[N, L, F]`) out; the `output` parameter."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from clt_core.train.checkpoint import read_config
+
+    config = read_config(Path(model_dir))
+    shape = (-1, config.num_layers, config.d_model)
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config.num_layers, -1))]),
+        params=ParamSchema([ParamSpec("output", "string", "reconstruction")]),
+    )
+
+
+def _champion(client: Any, name: str) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
