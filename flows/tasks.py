@@ -1,0 +1,120 @@
+"""Thin Prefect tasks over the `clt_core` stages. Each takes its config section and the upstream stage's output
+(a URL and a fingerprint) and returns its own; no tensors pass between tasks, and nothing here does math.
+
+Caching: `INPUTS + TASK_SOURCE`, results persisted as JSON, so a re-run (also from a new process) skips a stage
+whose config section and upstream fingerprints are unchanged. Outputs live at paths named by those fingerprints,
+so a changed config writes beside the old output, and a re-run after a crash resumes in place (extraction from its
+last committed chunk, training from its last checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+
+from clt_core.convert import ConvertConfig
+from clt_core.data.scramble import ScrambleConfig
+from clt_core.data.shards import Shard
+from clt_core.data.store import ActivationStore, store_exists
+from clt_core.extract.extractor import ExtractConfig
+from clt_core.train.config import TrainConfig
+from flows.config import fingerprint
+
+CACHED = {
+    "cache_policy": INPUTS + TASK_SOURCE,
+    "persist_result": True,
+    "result_serializer": "json",
+}
+RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_jitter_factor": 0.5}
+"""Transient storage and network errors: two retries with backoff (stages resume, so a retry loses no work)."""
+
+Stage = dict[str, Any]
+"""`{"url": ..., "fingerprint": ..., **summary}`: what a stage hands downstream."""
+
+
+def _store_fingerprint(url: str) -> str:
+    store = ActivationStore.open(url)
+    info = store.info.model_dump(mode="json")
+    return fingerprint(url, info.get("created_at"), store.num_rows, info.get("model"))
+
+
+def _file_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+@task(name="extract-shard", **CACHED, **RETRIES)
+def extract_shard(url: str, config: ExtractConfig, index: int, count: int) -> Stage:
+    from clt_core.extract.extractor import extract
+
+    summary = extract(url, config, shard=Shard(index, count), progress=False)
+    get_run_logger().info(str(summary))
+    return {"url": url, "shard": index, "rows_this_run": summary.rows_this_run}
+
+
+@task(name="norm-stats", **CACHED, **RETRIES)
+def norm_stats(url: str, shards: list[Stage]) -> Stage:
+    """The shards' merged moments are committed by the last shard; recompute only when a store lacks them."""
+    from clt_core.data.norm_stats import compute_norm_stats
+
+    store = ActivationStore.open(url)
+    if store.read_norm_stats() is None:
+        compute_norm_stats(ActivationStore.open(url, mode="a"), progress=False)
+    store = ActivationStore.open(url)
+    get_run_logger().info(f"{url}: {store.num_rows:,} rows with norm stats")
+    return {"url": url, "fingerprint": _store_fingerprint(url), "rows": store.num_rows}
+
+
+@task(name="scramble", **CACHED, **RETRIES)
+def scramble(source: Stage, dst: str, config: ScrambleConfig) -> Stage:
+    from clt_core.data.scramble import scramble_store
+
+    if not (store_exists(dst) and ActivationStore.open(dst).info.scrambled):
+        get_run_logger().info(str(scramble_store(source["url"], dst, config, overwrite=True, progress=False)))
+    return {"url": dst, "fingerprint": _store_fingerprint(dst), "rows": ActivationStore.open(dst).num_rows}
+
+
+@task(name="train", **CACHED)
+def train(data: Stage, config: TrainConfig, out_dir: str, nproc: int) -> Stage:
+    """`clt train` under torchrun as a subprocess, its output streamed into the run log; `--resume` continues a
+    crashed run from its newest checkpoint."""
+    logger = get_run_logger()
+    config = config.model_copy(update={"data": data["url"], "output_dir": out_dir})
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    config_file = Path(out_dir) / "pipeline_train.yaml"
+    config_file.write_text(config.to_yaml())
+    final = Path(out_dir) / "final"
+    if not final.exists():
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        command = [*launcher, "-m", "clt_core.cli", "train", "--config", str(config_file), "--resume", "--quiet"]
+        logger.info(" ".join(command))
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                logger.info(line.rstrip())
+        if proc.returncode != 0:
+            raise RuntimeError(f"training exited with status {proc.returncode}; see the log above")
+    return {"url": str(final), "fingerprint": _file_hash(final / "model.safetensors")}
+
+
+@task(name="convert", **CACHED)
+def convert(trained: Stage, config: ConvertConfig, out_dir: str) -> Stage:
+    from clt_core.convert import convert as convert_model
+    from clt_core.convert import describe
+
+    report = convert_model(trained["url"], out_dir, config, overwrite=True, progress=False)
+    get_run_logger().info(describe(report))
+    metrics = {"mean_nmse": report["calibrated" if config.calibrate else "final"]["mean_nmse"]}
+    return {"url": out_dir, "fingerprint": _file_hash(Path(out_dir) / "model.safetensors"), "report": report,
+            "metrics": metrics}  # fmt: skip
