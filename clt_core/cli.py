@@ -209,6 +209,14 @@ def _analyze_theta(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from clt_core.export import export_circuit_tracer
+
+    out = export_circuit_tracer(args.model_dir, args.out, overwrite=args.overwrite)
+    print(f"{args.format} files in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clt_core.convert import ConvertConfig
     from clt_core.data.sampler import SamplerConfig
@@ -308,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model_dir")
     p.add_argument("--out", help="directory for thresholds.json and thresholds.png (default: MODEL_DIR/theta)")
+    p = command("export", _export, "Export a model for circuit-tracer (normalisation folded into the weights).")
+    p.add_argument("model_dir", help="a JumpReLU (or relu) model directory")
+    p.add_argument("--format", choices=["circuit-tracer"], default="circuit-tracer")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
 
