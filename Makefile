@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-all lint format bench clean circuit-tracer-venv check-circuit-tracer
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,5 +58,19 @@ bench: install
 	$(BIN)/python bench/extract.py
 	$(BIN)/python bench/train_step.py
 
+# circuit-tracer 0.5 pins transformers 4.57, which cannot share our environment: a venv of its own, used by the
+# slow test that loads our export with its load_clt.
+CT_VENV := .venv-circuit-tracer
+$(CT_VENV)/.stamp:
+	test -x $(CT_VENV)/bin/python || $(PYTHON) -m venv $(CT_VENV)
+	$(CT_VENV)/bin/python -m pip install -q torch==2.13.0 uv
+	$(CT_VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python circuit-tracer==0.5.0
+	touch $@
+
+circuit-tracer-venv: $(CT_VENV)/.stamp
+
+check-circuit-tracer: install circuit-tracer-venv
+	$(BIN)/pytest -m slow tests/integration/test_circuit_tracer.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CT_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -7,35 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from model_dirs import D, F, L, make_model_dir, raw_reconstruction
 from safetensors.torch import load_file
 
 from clt_core.cli import main
-from clt_core.data.sampler import Normalizer
 from clt_core.errors import CLTError
 from clt_core.export import export_circuit_tracer, load_export
-from clt_core.model.clt import CrossLayerTranscoder
-from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import save_checkpoint
-
-L, D, F = 3, 16, 32
-SOURCE = {
-    "data": "/store",
-    "store": {"model": {"name": "tiny-llama"}, "hook_templates": {"input_template": "m.{layer}"}},
-}
-
-
-def make_model_dir(path: Path, activation: str = "jumprelu", normalise: bool = True) -> tuple[Path, Normalizer | None]:
-    torch.manual_seed(0)
-    model = CrossLayerTranscoder(CLTConfig(num_layers=L, d_model=D, num_features=F, activation_fn=activation, k=4))
-    with torch.no_grad():
-        model.b_enc.normal_(0, 0.1)
-        model.b_dec.normal_(0, 0.1)
-        if model.log_threshold is not None:
-            model.log_threshold.copy_(torch.rand(L, F).mul(0.2).add(0.01).log())
-    norm = Normalizer(torch.randn(L, D) * 3, torch.rand(L, D) * 4 + 0.1, torch.randn(L, D), torch.rand(L, D) + 0.5)
-    norm = norm if normalise else None
-    save_checkpoint(path, model, None, None, norm, SOURCE)
-    return path, norm
 
 
 def circuit_tracer_forward(export: Path, x: torch.Tensor) -> torch.Tensor:
@@ -51,14 +28,6 @@ def circuit_tracer_forward(export: Path, x: torch.Tensor) -> torch.Tensor:
         for j in range(L - s):
             out[:, s + j] += feats @ dec[s][:, j]
     return out
-
-
-def raw_reconstruction(model_dir: Path, norm: Normalizer | None, x: torch.Tensor) -> torch.Tensor:
-    from clt_core.train.checkpoint import load_model
-
-    model = load_model(model_dir)
-    y = model(norm.inputs(x) if norm else x).reconstruction
-    return norm.raw_targets(y) if norm else y
 
 
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
