@@ -217,11 +217,22 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from clt_core.evaluate import EvaluateConfig, describe, evaluate
+
+    config = config_from_args(EvaluateConfig, args, args.config)
+    report = evaluate(args.model_dir, args.out, config, progress=not args.quiet)
+    print(describe(report))
+    print(f"report and plots in {args.out or args.model_dir + '/evaluation'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from clt_core.convert import ConvertConfig
     from clt_core.data.sampler import SamplerConfig
     from clt_core.data.scramble import ScrambleConfig
     from clt_core.data.synthetic import SyntheticConfig
+    from clt_core.evaluate import EvaluateConfig
     from clt_core.extract.extractor import ExtractConfig
     from clt_core.model.config import CLTConfig
     from clt_core.train.config import TrainConfig
@@ -321,6 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["circuit-tracer"], default="circuit-tracer")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p = command("evaluate", _evaluate, "Held-out NMSE/L0/dead features, and with --spliced CE/KL in the real model.")
+    p.add_argument("model_dir")
+    p.add_argument("--out", help="directory for evaluation.json and the plots (default: MODEL_DIR/evaluation)")
+    p.add_argument("--config", help="YAML file with evaluation settings; flags override it")
+    add_config_arguments(p, EvaluateConfig)
     return parser
 
 

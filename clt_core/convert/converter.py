@@ -21,7 +21,7 @@ from tqdm import tqdm
 from clt_core.config import Config
 from clt_core.convert.calibrate import l0_per_layer, layer_scales
 from clt_core.convert.theta import ESTIMATORS, ThresholdStats
-from clt_core.data.sampler import Normalizer, split_chunks
+from clt_core.data.sampler import held_out_range, normalized_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
@@ -53,25 +53,6 @@ class ConvertConfig(Config):
     holdout_fraction: float | None = Field(None, gt=0, lt=1)
     """Held-out share of the store's chunks; default: the model's training split (source.json)."""
     device: str = "cpu"
-
-
-def _held_out_range(store: ActivationStore, fraction: float) -> tuple[int, int]:
-    _, held = split_chunks(store.num_chunks, fraction)
-    if len(held) == 0:
-        raise ConfigError(f"{store.url}: no held-out chunks with holdout_fraction={fraction}")
-    return held.start * store.rows_per_chunk, store.num_rows
-
-
-def _batches(
-    store: ActivationStore, normalizer: Normalizer | None, start: int, stop: int, size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Normalised (inputs, targets) of rows [start, stop), `size` rows at a time."""
-    for lo in range(start, stop, size):
-        rows = store.read(lo, min(lo + size, stop))
-        x, y = rows.inputs.float(), rows.targets.float()
-        if normalizer is not None:
-            x, y = normalizer.inputs(x), normalizer.targets(y)
-        yield x, y
 
 
 def jumprelu_model(model: CrossLayerTranscoder, theta: torch.Tensor) -> CrossLayerTranscoder:
@@ -116,7 +97,7 @@ def convert(
     sampler = source.get("sampler", {})
     fraction = config.holdout_fraction or sampler.get("holdout_fraction") or 0.05
     batch_size = config.batch_size or sampler.get("batch_size") or 1024
-    start, stop = _held_out_range(store, fraction)
+    start, stop = held_out_range(store, fraction)
     held = stop - start
     fit_rows = config.fit_rows or min(config.batches * batch_size, held // 2)
     if fit_rows < 1 or fit_rows >= held:
@@ -128,11 +109,11 @@ def convert(
     device = config.device
 
     def fit_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in _batches(store, normalizer, start, fit_stop, batch_size):
+        for x, y in normalized_batches(store, normalizer, start, fit_stop, batch_size):
             yield x.to(device), y.to(device)
 
     def evaluate(m: CrossLayerTranscoder) -> dict[str, Any]:
-        return reconstruction_metrics(m, _batches(store, normalizer, fit_stop, eval_stop, batch_size), device)
+        return reconstruction_metrics(m, normalized_batches(store, normalizer, fit_stop, eval_stop, batch_size), device)
 
     bar = tqdm(total=4, desc="convert", unit="stage", disable=not progress)
     before = evaluate(model)

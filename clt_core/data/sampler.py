@@ -393,3 +393,24 @@ def holdout_batches(
     if buffered:
         joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
         yield _prepare(joined, normalizer, dtype)
+
+
+def held_out_range(store: ActivationStore, holdout_fraction: float) -> tuple[int, int]:
+    """Rows [start, stop) of the store's held-out chunks (the tail that training never samples)."""
+    _, held = split_chunks(store.num_chunks, holdout_fraction)
+    if len(held) == 0:
+        raise StoreError(f"{store.url}: no held-out chunks with holdout_fraction={holdout_fraction}")
+    return held.start * store.rows_per_chunk, store.num_rows
+
+
+def normalized_batches(
+    store: ActivationStore, normalizer: Normalizer | None, start: int, stop: int, size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) of rows [start, stop) in float32, normalised with `normalizer` (e.g. a model's own), `size`
+    rows at a time."""
+    for lo in range(start, stop, size):
+        rows = store.read(lo, min(lo + size, stop))
+        x, y = rows.inputs.float(), rows.targets.float()
+        if normalizer is not None:
+            x, y = normalizer.inputs(x), normalizer.targets(y)
+        yield x, y

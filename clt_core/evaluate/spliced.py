@@ -1,0 +1,220 @@
+"""Spliced-in evaluation: the language model with its MLP outputs replaced by the CLT's reconstruction (the
+"replacement model" of Circuit Tracing), on real text, through nnsight.
+
+All layers at once: at each layer in order, the MLP input of the spliced run itself is normalised and encoded, and
+the MLP output becomes the de-normalised sum of the decoders of that layer's and every earlier layer's features,
+plus the decoder bias. One layer at a time (`per_layer`): only layer l's output is replaced, by the reconstruction
+from the original run's inputs. Positions the CLT never trained on (BOS and special tokens, which extraction keeps
+out of the store) keep their true MLP output, in the spliced and the zero-ablated runs alike. batchtopk/topk models
+select over the tokens of the batch at each layer (per_layer scope only: a global k spans layers the spliced run has
+not reached yet; convert such a model to JumpReLU first).
+
+Reported over every next-token prediction: the original, spliced and zero-ablation cross-entropy, the fraction of
+CE recovered `(CE_zero − CE_spliced) / (CE_zero − CE_orig)`, the mean KL(original ‖ spliced) per token and the
+top-1 agreement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from clt_core.data.sampler import Normalizer
+from clt_core.errors import ConfigError
+from clt_core.extract.models import CapturePoints
+from clt_core.extract.text import PackedWindow
+from clt_core.model.activations import select_topk
+from clt_core.model.clt import CrossLayerTranscoder
+
+Replacement = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""`(layer, MLP input [B, T, d], true MLP output [B, T, d]) -> the output to splice in`, called in layer order."""
+
+
+class CLTReplacement:
+    """The CLT as a `Replacement` for one batch; `reset(keep)` before each forward pass. Only the kept positions
+    (`keep [B, T]`) are encoded: BOS rows, with their outsized activations, never compete for a batch's top k."""
+
+    def __init__(self, model: CrossLayerTranscoder, normalizer: Normalizer | None) -> None:
+        cfg = model.config
+        if cfg.activation_fn in ("batchtopk", "topk") and cfg.topk_scope == "global":
+            raise ConfigError(
+                f"a {cfg.activation_fn} model with a global k cannot be spliced in layer by layer; convert it to "
+                "JumpReLU first (clt convert)"
+            )
+        self.model, self.normalizer = model, normalizer
+        self.partial: torch.Tensor | None = None  # [N_kept, L, d]: decoded so far, normalised units
+        self.keep: torch.Tensor | None = None
+
+    def reset(self, keep: torch.Tensor) -> CLTReplacement:
+        self.partial, self.keep = None, keep.reshape(-1)
+        return self
+
+    def features(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Raw MLP inputs `[N, d]` of one layer -> its feature activations `[N, F]`."""
+        m, n = self.model, self.normalizer
+        if n is not None:
+            x = (x.float() - n.inputs_mean[layer]) / n.inputs_std[layer]
+        pre = x.float() @ m.W_enc[layer].T + m.b_enc[layer]
+        kind = m.config.activation_fn
+        if kind == "jumprelu":
+            return pre * (pre > m.threshold[layer])
+        if kind == "relu":
+            return pre.clamp_min(0)
+        return select_topk(pre[:, None], m.config.k, kind == "batchtopk", "per_layer", m.shards)[:, 0]
+
+    def add_features(self, layer: int, acts: torch.Tensor) -> None:
+        m = self.model
+        L, d = m.config.num_layers, m.config.d_model
+        if self.partial is None:
+            self.partial = torch.zeros(acts.shape[0], L, d)
+        self.partial[:, layer:] += (acts @ m.W_dec[layer].reshape(acts.shape[1], -1)).reshape(-1, L - layer, d)
+
+    def output(self, layer: int) -> torch.Tensor:
+        """The raw reconstruction `[N, d]` of layer `layer` from the features added so far."""
+        y = self.partial[:, layer] + self.model.b_dec[layer]
+        n = self.normalizer
+        return y if n is None else y * n.targets_std[layer] + n.targets_mean[layer]
+
+    def __call__(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.add_features(layer, self.features(layer, x.reshape(-1, x.shape[-1])[self.keep]))
+        return self._scatter(self.output(layer), y)
+
+    def _scatter(self, kept: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = y.reshape(-1, y.shape[-1]).clone()
+        out[self.keep] = kept.to(y.dtype)
+        return out.reshape(y.shape)
+
+
+class SplicedRunner:
+    """Runs the language model through nnsight, optionally with MLP outputs replaced."""
+
+    def __init__(self, lm: torch.nn.Module, points: CapturePoints) -> None:
+        from nnsight import NNsight
+
+        self.traced, self.points = NNsight(lm), points
+
+    def _module(self, name: str) -> Any:
+        node = self.traced
+        for part in name.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
+    @torch.no_grad()
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        keep: torch.Tensor,
+        replace: Replacement | None = None,
+        layers: Iterable[int] | None = None,
+        record_inputs: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits `[B, T, V]` with `replace` spliced in at `layers` (default all) where `keep [B, T]`; with
+        `record_inputs`, also every layer's MLP input as the run saw it."""
+        p = self.points
+        chosen = set(range(p.num_layers) if layers is None else layers)
+        mask = keep[..., None]
+        inputs: list[Any] = []
+        with self.traced.trace(input_ids):
+            for layer in range(p.num_layers):
+                source, sink = self._module(p.input_name(layer)), self._module(p.output_name(layer))
+                x = getattr(source, p.input_kind)
+                if record_inputs:
+                    inputs.append(x.save())
+                if replace is not None and layer in chosen:
+                    y = sink.output
+                    sink.output = torch.where(mask, replace(layer, x, y), y)
+            out = self.traced.output.save()
+        return out.logits.float(), [torch.as_tensor(t) for t in inputs]
+
+
+@dataclass
+class SplicedTotals:
+    """Running sums over next-token predictions."""
+
+    predictions: int = 0
+    ce_original: float = 0.0
+    ce_spliced: float = 0.0
+    ce_zero: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+
+    def add(self, original: torch.Tensor, spliced: torch.Tensor, zero: torch.Tensor, ids: torch.Tensor) -> None:
+        labels = ids[:, 1:].reshape(-1)
+        logp = [F.log_softmax(t[:, :-1].reshape(-1, t.shape[-1]).double(), dim=-1) for t in (original, spliced, zero)]
+        ce = [float(-lp.gather(1, labels[:, None]).sum()) for lp in logp]
+        self.ce_original += ce[0]
+        self.ce_spliced += ce[1]
+        self.ce_zero += ce[2]
+        self.kl += float((logp[0].exp() * (logp[0] - logp[1])).sum())
+        self.agree += int((logp[0].argmax(-1) == logp[1].argmax(-1)).sum())
+        self.predictions += labels.numel()
+
+    def result(self) -> dict[str, float]:
+        n = max(self.predictions, 1)
+        orig, spliced, zero = self.ce_original / n, self.ce_spliced / n, self.ce_zero / n
+        gap = zero - orig
+        return {
+            "predictions": self.predictions,
+            "ce_original": orig,
+            "ce_spliced": spliced,
+            "ce_zero_ablation": zero,
+            "ce_recovered": (zero - spliced) / gap if abs(gap) > 1e-12 else float("nan"),
+            "kl_per_token": self.kl / n,
+            "top1_agreement": self.agree / n,
+        }
+
+
+def zero_replacement(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(y)
+
+
+def spliced_metrics(
+    lm: torch.nn.Module,
+    points: CapturePoints,
+    windows: Iterable[list[PackedWindow]],
+    replacement_for_batch: Callable[[torch.Tensor], Replacement],
+    *,
+    per_layer: CLTReplacement | None = None,
+    progress: bool = True,
+    total: int | None = None,
+) -> dict[str, Any]:
+    """CE/KL/agreement of the all-layers splice over batches of windows (`replacement_for_batch(keep)` gives the
+    batch's replacement); with `per_layer` (a CLTReplacement) also each layer replaced alone."""
+    runner = SplicedRunner(lm, points)
+    totals = SplicedTotals()
+    layer_totals = [SplicedTotals() for _ in range(points.num_layers)] if per_layer is not None else []
+    device = next(lm.parameters()).device
+    for batch in tqdm(windows, desc="spliced eval", unit="batch", total=total, disable=not progress):
+        ids = torch.as_tensor(np.stack([w.token_ids for w in batch]), device=device)
+        keep = torch.as_tensor(np.stack([w.keep for w in batch]), device=device)
+        original, inputs = runner.logits(ids, keep, record_inputs=per_layer is not None)
+        zero, _ = runner.logits(ids, keep, zero_replacement)
+        spliced, _ = runner.logits(ids, keep, replacement_for_batch(keep))
+        totals.add(original, spliced, zero, ids)
+        for layer, sums in enumerate(layer_totals):
+            only, _ = runner.logits(ids, keep, _from_original(per_layer, keep, inputs, layer), layers=[layer])
+            zero_one, _ = runner.logits(ids, keep, zero_replacement, layers=[layer])
+            sums.add(original, only, zero_one, ids)
+    result: dict[str, Any] = totals.result()
+    if layer_totals:
+        result["per_layer"] = [s.result() for s in layer_totals]
+    return result
+
+
+def _from_original(clt: CLTReplacement, keep: torch.Tensor, inputs: list[torch.Tensor], target: int) -> Replacement:
+    """Layer `target`'s reconstruction from the original run's inputs of layers 0..target."""
+
+    def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        clt.reset(keep)
+        for source in range(target + 1):
+            rows = inputs[source].reshape(-1, inputs[source].shape[-1])[clt.keep]
+            clt.add_features(source, clt.features(source, rows))
+        return clt._scatter(clt.output(target), y)
+
+    return replace
