@@ -89,8 +89,7 @@ class MlflowTracker:
             mlflow.start_run(run_name=run_name)
 
     def log_params(self, params: dict[str, Any]) -> None:
-        flat = _flatten(params)
-        self._mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        self._mlflow.log_params(flatten_params(params))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         clean = {k.replace("/", "."): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
@@ -102,6 +101,11 @@ class MlflowTracker:
     def close(self) -> None:
         if self._owns_run:
             self._mlflow.end_run()
+
+
+def flatten_params(params: dict[str, Any]) -> dict[str, str]:
+    """Nested config -> MLflow params: dotted keys, values as strings of at most 500 characters (MLflow's limit)."""
+    return {k: str(v)[:500] for k, v in _flatten(params).items()}
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,19 +1,26 @@
 """The `clt-pipeline` flow: extract (mapped over shards) → norm stats → scramble → train (torchrun) → convert →
-evaluate → export → register, each a cached task; MLflow tracks the whole run."""
+evaluate → export → register, each a cached task; one MLflow run tracks the whole pipeline run.
+
+`python -m flows.pipeline --config pipeline.yaml [--refresh]` runs it here (Prefect's ephemeral mode when no
+`PREFECT_API_URL` is set); deployments run the same flow on a worker.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.filesystems import LocalFileSystem
 
 from flows import tasks
 from flows.config import PipelineConfig, fingerprint
 
 
-def _tracking_uri(config: PipelineConfig) -> str:
+def tracking_uri(config: PipelineConfig) -> str:
     if config.registry.tracking_uri:
         return config.registry.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
@@ -21,30 +28,94 @@ def _tracking_uri(config: PipelineConfig) -> str:
     return f"sqlite:///{Path(config.work_dir).resolve() / 'mlflow.db'}"
 
 
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 @flow(name="clt-pipeline", log_prints=True)
 def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None = None, refresh: bool = False) -> dict:
     """Run every stage; a stage whose inputs are unchanged since an earlier run is skipped (`refresh` re-runs all)."""
+    import mlflow
+
+    from clt_core.tracking import flatten_params
+
     if config_file:
         config = PipelineConfig.from_yaml(config_file)
     config = config or PipelineConfig()
     logger = get_run_logger()
     work = Path(config.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
     stores = (config.store_root or str(work / "stores")).rstrip("/")
-    opts: dict[str, Any] = {"refresh_cache": True} if refresh else {}
+    # Cache records and results live beside the outputs they describe: deleting the work directory forgets both.
+    storage = LocalFileSystem(basepath=str(work / ".prefect-results"))
+    storage.save(f"clt-results-{fingerprint(str(work))}", overwrite=True)  # Prefect refers to result storage by name
+    opts: dict[str, Any] = {"result_storage": storage}
+    if refresh:
+        opts["refresh_cache"] = True
 
     def run(task: Any) -> Any:
-        return task.with_options(**opts) if opts else task
+        return task.with_options(**opts)
 
-    acts_url = f"{stores}/acts-{fingerprint(config.extract, config.extract_shards)}"
-    n = config.extract_shards
-    shards = run(tasks.extract_shard).map(unmapped(acts_url), unmapped(config.extract), range(n), unmapped(n)).result()
-    acts = run(tasks.norm_stats)(acts_url, shards)
-    scrambled = run(tasks.scramble)(acts, f"{stores}/scrambled-{fingerprint(acts['fingerprint'], config.scramble)}",
-                                    config.scramble)  # fmt: skip
-    run_dir = work / "runs" / f"train-{fingerprint(scrambled['fingerprint'], config.train, config.nproc)}"
-    trained = run(tasks.train)(scrambled, config.train, str(run_dir), config.nproc)
-    converted = run(tasks.convert)(trained, config.convert, str(run_dir / f"jumprelu-{fingerprint(config.convert)}"))
-    summary = {"store": acts["url"], "scrambled": scrambled["url"], "trained": trained["url"],
-               "converted": converted["url"], "metrics": converted["metrics"]}  # fmt: skip
+    mlflow.set_tracking_uri(tracking_uri(config))
+    mlflow.set_experiment(config.registry.experiment)
+    with mlflow.start_run() as mlflow_run:
+        run_id = mlflow_run.info.run_id
+        mlflow.log_params(flatten_params(config.model_dump(mode="json")))
+        acts_url = f"{stores}/acts-{fingerprint(config.extract, config.extract_shards)}"
+        n = config.extract_shards
+        shards = run(tasks.extract_shard).map(unmapped(acts_url), unmapped(config.extract), range(n), unmapped(n))
+        acts = run(tasks.norm_stats)(acts_url, shards.result())
+        scrambled_url = f"{stores}/scrambled-{fingerprint(acts['fingerprint'], config.scramble)}"
+        scrambled = run(tasks.scramble)(acts, scrambled_url, config.scramble)
+        run_dir = work / "runs" / f"train-{fingerprint(scrambled['fingerprint'], config.train, config.nproc)}"
+        trained = run(tasks.train)(scrambled, config.train, str(run_dir), config.nproc)
+        tasks.log_training_metrics(run_id, run_dir / "metrics.jsonl")
+        converted_dir = run_dir / f"jumprelu-{fingerprint(config.convert)}"
+        converted = run(tasks.convert)(trained, config.convert, str(converted_dir))
+        evaluated = run(tasks.evaluate)(converted, config.evaluate, str(converted_dir / "evaluation"))
+        exported = run(tasks.export)(converted, str(converted_dir / "circuit-tracer"))
+        lineage = {
+            "store": acts["url"], "store_fingerprint": acts["fingerprint"], "scrambled": scrambled["url"],
+            "scrambled_fingerprint": scrambled["fingerprint"], "checkpoint": trained["url"],
+            "checkpoint_fingerprint": trained["fingerprint"], "model_dir": converted["url"],
+            "code_version": _code_version(),
+        }  # fmt: skip
+        mlflow.set_tags(lineage)
+        registered = run(tasks.register)(converted, exported, evaluated, config.registry, run_id, lineage)
+    summary = {**lineage, "mlflow_run_id": run_id, "registered": registered, "metrics": evaluated["metrics"],
+               "export": exported["url"]}  # fmt: skip
     logger.info(f"pipeline done: {summary}")
     return summary
+
+
+def describe(summary: dict[str, Any], config: PipelineConfig) -> str:
+    reg, m = summary["registered"], summary["metrics"]
+    alias = "champion" if reg["promoted"] else "not promoted"
+    lines = [
+        f"registered {reg['name']} version {reg['version']} ({alias}: {reg['reason']})",
+        f"held-out NMSE {m['mean_nmse']:.4f}, EV {m['mean_explained_variance']:.4f}, L0 {m['total_l0']:.1f}"
+        + (f"; CE recovered {m['ce_recovered']:.3f}, KL {m['kl_per_token']:.3f}/token" if "ce_recovered" in m else ""),
+        f"circuit-tracer files: {summary['export']}",
+        f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {tracking_uri(config)}",
+        "Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="pipeline YAML (default: the built-in defaults)")
+    parser.add_argument("--refresh", action="store_true", help="re-run every stage, cached or not")
+    args = parser.parse_args(argv)
+    config = PipelineConfig.from_yaml(args.config) if args.config else PipelineConfig()
+    summary = clt_pipeline(config, refresh=args.refresh)
+    print(describe(summary, config))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

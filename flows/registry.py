@@ -64,10 +64,12 @@ def register_model(
     metrics: dict[str, float],
     gate: Gate | None = None,
     tags: dict[str, str] | None = None,
+    fingerprint: str | None = None,
 ) -> dict[str, Any]:
     """In the active MLflow run: log the pyfunc model (native files + circuit-tracer export), register it as a new
-    version of `name`, tag it with `metrics`, and move `champion` to it if the gate says so. Idempotent per run: a
-    run that already registered a version of `name` gets that version back, with nothing moved."""
+    version of `name`, tag it with `metrics`, and move `champion` to it if the gate says so. Idempotent: a run that
+    already registered a version of `name`, or a model whose `fingerprint` (its weights' hash) is already a
+    version, gets that version back, with nothing moved."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -76,7 +78,11 @@ def register_model(
     if run is None:
         raise RuntimeError("register_model needs an active MLflow run")
     client = MlflowClient()
-    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == run.info.run_id]
+    existing = [
+        v
+        for v in client.search_model_versions(f"name='{name}'")
+        if v.run_id == run.info.run_id or (fingerprint is not None and v.tags.get("model_fingerprint") == fingerprint)
+    ]
     if existing:
         version = existing[0]
         return {"name": name, "version": str(version.version), "promoted": version.tags.get("promoted") == "true",
@@ -95,7 +101,8 @@ def register_model(
     version = str(info.registered_model_version)
     champion = _champion(client, name)
     decision = decide(metrics, None if champion is None else version_metrics(champion), gate)
-    for key, value in {**{f"metric.{k}": f"{v:.8g}" for k, v in metrics.items()}, **(tags or {})}.items():
+    tags = {**(tags or {}), **({"model_fingerprint": fingerprint} if fingerprint else {})}
+    for key, value in {**{f"metric.{k}": f"{v:.8g}" for k, v in metrics.items()}, **tags}.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_model_version_tag(name, version, "promoted", str(decision.promote).lower())
     client.set_model_version_tag(name, version, "promotion_reason", decision.reason)

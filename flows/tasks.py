@@ -9,10 +9,14 @@ last committed chunk, training from its last checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,7 @@ from clt_core.data.shards import Shard
 from clt_core.data.store import ActivationStore, store_exists
 from clt_core.extract.extractor import ExtractConfig
 from clt_core.train.config import TrainConfig
-from flows.config import fingerprint
+from flows.config import EvaluateSettings, RegistrySettings, fingerprint
 
 CACHED = {
     "cache_policy": INPUTS + TASK_SOURCE,
@@ -118,3 +122,67 @@ def convert(trained: Stage, config: ConvertConfig, out_dir: str) -> Stage:
     metrics = {"mean_nmse": report["calibrated" if config.calibrate else "final"]["mean_nmse"]}
     return {"url": out_dir, "fingerprint": _file_hash(Path(out_dir) / "model.safetensors"), "report": report,
             "metrics": metrics}  # fmt: skip
+
+
+@task(name="evaluate", **CACHED)
+def evaluate(converted: Stage, settings: EvaluateSettings, out_dir: str) -> Stage:
+    from clt_core.evaluate import EvaluateConfig, describe
+    from clt_core.evaluate import evaluate as evaluate_model
+
+    config = EvaluateConfig(max_rows=settings.eval_rows, spliced=settings.spliced, text=settings.text,
+                            tokens=settings.tokens, text_batch_size=settings.batch_size)  # fmt: skip
+    report = evaluate_model(converted["url"], out_dir, config, progress=False)
+    get_run_logger().info(describe(report))
+    rec = report["reconstruction"]
+    metrics = {k: rec[k] for k in ("mean_nmse", "total_l0", "dead_fraction", "dense_fraction")}
+    metrics["mean_explained_variance"] = sum(rec["explained_variance"]) / len(rec["explained_variance"])
+    if "spliced" in report:
+        spliced = report["spliced"]
+        metrics.update({k: spliced[k] for k in ("ce_original", "ce_spliced", "ce_zero_ablation", "ce_recovered",
+                                                "kl_per_token", "top1_agreement")})  # fmt: skip
+    return {"url": out_dir, "fingerprint": converted["fingerprint"], "metrics": metrics, "plots": report["plots"]}
+
+
+@task(name="export", **CACHED)
+def export(converted: Stage, out_dir: str) -> Stage:
+    from clt_core.export import export_circuit_tracer
+
+    export_circuit_tracer(converted["url"], out_dir, overwrite=True)
+    return {"url": out_dir, "fingerprint": converted["fingerprint"]}
+
+
+@task(name="register", **RETRIES)
+def register(converted: Stage, exported: Stage, evaluated: Stage, settings: RegistrySettings, run_id: str,
+             lineage: dict[str, str]) -> Stage:  # fmt: skip
+    """Log the evaluation into the pipeline's MLflow run and register the model; the champion gate decides."""
+    import mlflow
+
+    from flows.registry import Gate, register_model
+
+    gate = Gate(settings.metric, settings.higher_is_better, settings.l0_slack)
+    active = mlflow.active_run()
+    with contextlib.nullcontext() if active and active.info.run_id == run_id else mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics({f"eval/{k}": v for k, v in evaluated["metrics"].items()})
+        for plot in evaluated["plots"]:
+            mlflow.log_artifact(plot, artifact_path="plots")
+        result = register_model(converted["url"], exported["url"], settings.model_name, evaluated["metrics"], gate,
+                                tags=lineage, fingerprint=converted["fingerprint"])  # fmt: skip
+    get_run_logger().info(
+        f"{settings.model_name} version {result['version']}: {'promoted to' if result['promoted'] else 'not'} "
+        f"champion ({result['reason']})"
+    )
+    return result
+
+
+def log_training_metrics(run_id: str, metrics_jsonl: Path) -> None:
+    """Per-step training metrics (the run's metrics.jsonl) into the pipeline's MLflow run."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
+    now = int(time.time() * 1000)
+    batch = [Metric(f"train/{k}", float(v), now, r["step"]) for r in records if "step" in r
+             for k, v in r.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)]  # fmt: skip
+    client = MlflowClient()
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i : i + 1000])
