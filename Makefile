@@ -26,16 +26,9 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	# Extraction resumes (or, when finished, does nothing) on a re-run with the same arguments.
-	$(BIN)/clt extract --model smollm2-135m --text packaged:kjv --tokens 8192 --out $(DEMO_DIR)/acts
-	$(BIN)/clt verify $(DEMO_DIR)/acts
-	$(BIN)/clt scramble $(DEMO_DIR)/acts $(DEMO_DIR)/scrambled --seed 0 --memory-budget 256MB --overwrite
-	$(BIN)/clt sample $(DEMO_DIR)/scrambled --batch-size 1024 --batches 16 --holdout-fraction 0.1
-	$(BIN)/clt info $(DEMO_DIR)/scrambled
-	# A small CLT (256 features per layer, batchtopk k=8), 30 steps; --resume makes a re-run continue, not refuse.
-	$(BIN)/clt train --data $(DEMO_DIR)/scrambled --out $(DEMO_DIR)/clt --resume --num-features 256 \
-		--activation-fn batchtopk --k 8 --batch-size 512 --training-steps 30 --learning-rate 1e-3 \
-		--holdout-fraction 0.1 --log-interval 10 --eval-interval 30 --checkpoint-interval 15 --eval-rows 1024
+	# The whole pipeline (extract -> norm stats -> scramble -> train under torchrun -> convert -> evaluate -> export ->
+	# register) as one Prefect flow in ephemeral mode; a re-run reuses every finished stage.
+	$(BIN)/python -m flows.pipeline --config configs/demo.yaml
 
 # pytest exits 5 when it collects no test; that is not a failure of the suite.
 test: install
@@ -59,12 +52,13 @@ bench: install
 	$(BIN)/python bench/train_step.py
 
 # circuit-tracer 0.5 pins transformers 4.57, which cannot share our environment: a venv of its own, used by the
-# slow test that loads our export with its load_clt.
+# slow test that loads our export with its load_clt (tests/integration/circuit_tracer_check.py runs in it).
+# torch first, from the locally cached CPU wheel, and held at that version while circuit-tracer resolves.
 CT_VENV := .venv-circuit-tracer
 $(CT_VENV)/.stamp:
 	test -x $(CT_VENV)/bin/python || $(PYTHON) -m venv $(CT_VENV)
 	$(CT_VENV)/bin/python -m pip install -q torch==2.13.0 uv
-	$(CT_VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python circuit-tracer==0.5.0
+	$(CT_VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python 'circuit-tracer==0.5.*' torch==2.13.0
 	touch $@
 
 circuit-tracer-venv: $(CT_VENV)/.stamp

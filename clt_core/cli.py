@@ -212,7 +212,9 @@ def _analyze_theta(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from clt_core.export import export_circuit_tracer
 
-    out = export_circuit_tracer(args.model_dir, args.out, overwrite=args.overwrite)
+    out = export_circuit_tracer(
+        args.model_dir, args.out, overwrite=args.overwrite, input_hook=args.input_hook, output_hook=args.output_hook
+    )
     print(f"{args.format} files in {out}")
     return 0
 
@@ -224,6 +226,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     report = evaluate(args.model_dir, args.out, config, progress=not args.quiet)
     print(describe(report))
     print(f"report and plots in {args.out or args.model_dir + '/evaluation'}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    # The registry lives with the orchestration (flows/), which this command only reaches into.
+    import os
+
+    import mlflow
+
+    from clt_core.errors import ConfigError
+    from flows.registry import download_model, list_models
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        raise ConfigError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///demo-output/mlflow.db)")
+    mlflow.set_tracking_uri(uri)
+    if args.action == "list":
+        for row in list_models():
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(row["metrics"].items()) if k in ("mean_nmse",
+                                "total_l0", "ce_recovered"))  # fmt: skip
+            aliases = f" @{','.join(row['aliases'])}" if row["aliases"] else ""
+            print(f"{row['name']} v{row['version']}{aliases}: {metrics} ({row['reason']})")
+        return 0
+    if not args.reference or not args.out:
+        raise ConfigError("usage: clt models get NAME@ALIAS|NAME/VERSION --out DIR")
+    print(f"circuit-tracer files of {args.reference} in {download_model(args.reference, args.out)}")
     return 0
 
 
@@ -332,11 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["circuit-tracer"], default="circuit-tracer")
     p.add_argument("--out", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--input-hook", help="circuit-tracer feature_input_hook (default: from the capture templates)")
+    p.add_argument("--output-hook", help="circuit-tracer feature_output_hook (default: from the capture templates)")
     p = command("evaluate", _evaluate, "Held-out NMSE/L0/dead features, and with --spliced CE/KL in the real model.")
     p.add_argument("model_dir")
     p.add_argument("--out", help="directory for evaluation.json and the plots (default: MODEL_DIR/evaluation)")
     p.add_argument("--config", help="YAML file with evaluation settings; flags override it")
     add_config_arguments(p, EvaluateConfig)
+    p = command("models", _models, "Registered models in MLflow: list them, or get one's circuit-tracer files.")
+    p.add_argument("action", choices=["list", "get"])
+    p.add_argument("reference", nargs="?", help="get: NAME@ALIAS (e.g. clt@champion) or NAME/VERSION")
+    p.add_argument("--out", help="get: directory to create")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
     return parser
 
 

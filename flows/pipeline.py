@@ -74,10 +74,10 @@ def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None =
         run_dir = work / "runs" / f"train-{fingerprint(scrambled['fingerprint'], config.train, config.nproc)}"
         trained = run(tasks.train)(scrambled, config.train, str(run_dir), config.nproc)
         tasks.log_training_metrics(run_id, run_dir / "metrics.jsonl")
-        converted_dir = run_dir / f"jumprelu-{fingerprint(config.convert)}"
-        converted = run(tasks.convert)(trained, config.convert, str(converted_dir))
-        evaluated = run(tasks.evaluate)(converted, config.evaluate, str(converted_dir / "evaluation"))
-        exported = run(tasks.export)(converted, str(converted_dir / "circuit-tracer"))
+        tag = fingerprint(config.convert)
+        converted = run(tasks.convert)(trained, config.convert, str(run_dir / f"jumprelu-{tag}"))
+        evaluated = run(tasks.evaluate)(converted, config.evaluate, str(run_dir / f"evaluation-{tag}"))
+        exported = run(tasks.export)(converted, str(run_dir / f"circuit-tracer-{tag}"))
         lineage = {
             "store": acts["url"], "store_fingerprint": acts["fingerprint"], "scrambled": scrambled["url"],
             "scrambled_fingerprint": scrambled["fingerprint"], "checkpoint": trained["url"],

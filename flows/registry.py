@@ -136,3 +136,52 @@ def _champion(client: Any, name: str) -> Any | None:
         return client.get_model_version_by_alias(name, CHAMPION)
     except MlflowException:
         return None
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered model version: name, version, aliases, promotion and metrics (tracking URI from the
+    environment or `mlflow.set_tracking_uri`)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    rows = []
+    for model in client.search_registered_models():
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for v in client.search_model_versions(f"name='{model.name}'"):
+            rows.append({"name": model.name, "version": str(v.version), "aliases": aliases.get(str(v.version), []),
+                         "promoted": v.tags.get("promoted"), "reason": v.tags.get("promotion_reason", ""),
+                         "metrics": version_metrics(v)})  # fmt: skip
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))
+
+
+def download_model(reference: str, out: str | Path) -> Path:
+    """`NAME@ALIAS` or `NAME/VERSION` -> `out` holds the circuit-tracer files, with our native model in
+    `out/native`."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from clt_core.errors import ConfigError
+
+    out = Path(out)
+    if out.exists():
+        raise ConfigError(f"{out} exists; choose another --out")
+    uri = f"models:/{reference}"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        except MlflowException as err:
+            first = str(err).splitlines()[0]
+            raise ConfigError(f"no registered model {reference!r} ({first}); see `clt models list`") from None
+        artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
+        exported = artifacts.get("circuit_tracer")
+        if exported is None:
+            raise ConfigError(f"{reference} was registered without a circuit-tracer export")
+        shutil.copytree(local / exported["path"], out)
+        shutil.copytree(local / artifacts["model"]["path"], out / "native")
+    return out

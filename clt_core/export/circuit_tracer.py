@@ -1,25 +1,40 @@
 """circuit-tracer's cross-layer transcoder files, with our normalisation folded in so they work on raw activations.
 
-Layout (what `circuit_tracer.transcoder.cross_layer_transcoder.load_clt` reads): per layer i,
-`W_enc_{i}.safetensors` holding `W_enc_{i} [F, d]`, `b_enc_{i} [F]`, `b_dec_{i} [d]` and, for JumpReLU,
-`threshold_{i} [F]` (raw, not log), and `W_dec_{i}.safetensors` holding `W_dec_{i} [F, L-i, d]`; plus `config.yaml`
-(`model_kind: cross_layer_transcoder`, `model_name`, hooks). circuit-tracer picks JumpReLU when thresholds are
-present and ReLU otherwise, so relu models export without thresholds and batchtopk/topk models must be converted
-first. Hooks: `mlp.hook_in` / `mlp.hook_out`, circuit-tracer's names for the MLP input (after the pre-MLP norm) and
-output on its TransformerLens backend, which are exactly what we capture; the module templates we captured with
-are kept as `clt_hook_templates` for its nnsight backend.
+What circuit-tracer 0.5 reads (checked in its source, `circuit_tracer/transcoder/cross_layer_transcoder.py` and
+`utils/caching.py`, `utils/hf_utils.py`, `utils/tl_nnsight_mapping.py`):
+- `load_clt(dir, feature_input_hook, feature_output_hook, ...)` counts the layers as the `W_enc_*.safetensors` files;
+  `W_enc_{i}.safetensors` holds `W_enc_{i} [F, d]`, `b_enc_{i} [F]`, `b_dec_{i} [d]` and, for JumpReLU,
+  `threshold_{i} [F]` (the raw threshold: features = pre·(pre > θ)); `W_dec_{i}.safetensors` holds
+  `W_dec_{i} [F, L-i, d]` (target layers i..L-1), exactly our layout. It picks JumpReLU when `threshold_0` is present
+  and ReLU otherwise; it has no top-k CLT. So relu models export without thresholds, and batchtopk/topk models are
+  refused: `clt convert` turns them into JumpReLU first.
+- `config.yaml` is read when the directory is loaded as a transcoder set (its local cache, or a Hugging Face repo):
+  `model_kind: cross_layer_transcoder`, `feature_input_hook`, `feature_output_hook`; its CLI takes the language model
+  from `model_name`. Other keys are ignored; ours (`activation_function`, `clt_pipeline`) are for people.
+- Hooks are TransformerLens-style names relative to a block. On its TransformerLens backend circuit-tracer wraps every
+  MLP so that `mlp.hook_in` is the MLP's input and `mlp.hook_out` its output; its nnsight backend maps these names to
+  modules per architecture (Llama and Qwen3: `mlp.hook_in` = `post_attention_layernorm` output = the MLP input,
+  `mlp.hook_out` = the `mlp` output; Gemma 2/3: `hook_mlp_out` = `post_feedforward_layernorm` output). We capture the
+  MLP's input and output (the architecture presets of `clt_core.extract.models`), so a Llama model exports with
+  `mlp.hook_in` / `mlp.hook_out`; a Gemma target after the post-MLP norm exports as `hook_mlp_out`. Templates that map
+  to no circuit-tracer hook are refused unless the hooks are given.
 
 Folding, per layer (x raw input, μ/σ the normalisation): pre = W_enc·(x−μ_in)/σ_in + b_enc, so W_enc' = W_enc/σ_in
-and b_enc' = b_enc − W_enc·(μ_in/σ_in); the reconstruction σ_t·ŷ + μ_t gives W_dec'[s][:, j] = W_dec[s][:, j]·σ_t[s+j]
-and b_dec' = σ_t·b_dec + μ_t. Thresholds act on pre-activations, which do not change. Computed in float64.
-The export also keeps our `config.json` and `source.json`, so `load_export` rebuilds a native model (on raw
-activations) from it.
+and b_enc' = b_enc − W_enc·(μ_in/σ_in); the raw reconstruction σ_t·ŷ + μ_t gives
+W_dec'[s][:, j] = W_dec[s][:, j]·σ_t[s+j] and b_dec' = σ_t·b_dec + μ_t. Thresholds act on pre-activations, which do
+not change. Computed in float64, stored in float32.
+
+The export also keeps our `config.json` and `source.json`, so `load_circuit_tracer` rebuilds a native model from it;
+that model works on raw activations (its normalisation is the identity: it is folded into the weights).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,89 +46,191 @@ from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import SOURCE_FILE, load_model, read_normalizer, read_source
+from clt_core.train.checkpoint import SOURCE_FILE, load_model, read_config, read_normalizer, read_source
 
-INPUT_HOOK, OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out"
+log = logging.getLogger(__name__)
 
-
-def folded_weights(model: CrossLayerTranscoder, normalizer: Normalizer | None) -> dict[str, Any]:
-    """`W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec` (list of `[F,L-s,d]`), `b_dec [L,d]` on raw activations (float32)."""
-    f64 = torch.float64
-    W_enc, b_enc = model.W_enc.detach().to(f64), model.b_enc.detach().to(f64)
-    W_dec = [w.detach().to(f64) for w in model.W_dec]
-    b_dec = model.b_dec.detach().to(f64)
-    if normalizer is not None:
-        mu_in, sd_in = normalizer.inputs_mean.to(f64), normalizer.inputs_std.to(f64)
-        mu_t, sd_t = normalizer.targets_mean.to(f64), normalizer.targets_std.to(f64)
-        b_enc = b_enc - torch.einsum("lfd,ld->lf", W_enc, mu_in / sd_in)
-        W_enc = W_enc / sd_in[:, None, :]
-        W_dec = [w * sd_t[s:][None] for s, w in enumerate(W_dec)]
-        b_dec = b_dec * sd_t + mu_t
-    f32 = torch.float32
-    return {"W_enc": W_enc.to(f32), "b_enc": b_enc.to(f32), "W_dec": [w.to(f32) for w in W_dec], "b_dec": b_dec.to(f32)}
+INPUT_HOOK, OUTPUT_HOOK, NORMED_OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out", "hook_mlp_out"
+# (module path after "{layer}.", input|output) of our capture templates -> circuit-tracer's hook name.
+_INPUT_HOOKS = {
+    ("mlp", "input"): INPUT_HOOK,  # Llama, Qwen, Mistral, Gemma, GPT-NeoX presets
+    ("mlp.c_fc", "input"): INPUT_HOOK,  # GPT-2 preset
+    ("pre_feedforward_layernorm", "output"): INPUT_HOOK,  # Gemma 2/3: the MLP's input
+}
+_OUTPUT_HOOKS = {
+    ("mlp", "output"): OUTPUT_HOOK,
+    ("mlp.c_proj", "output"): OUTPUT_HOOK,  # GPT-2 (dropout after c_proj is the identity in eval mode)
+    ("post_feedforward_layernorm", "output"): NORMED_OUTPUT_HOOK,  # Gemma 2/3 preset: the normed MLP output
+}
 
 
-def export_circuit_tracer(model_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the circuit-tracer files of the model in `model_dir` to `out` (atomically: whole or absent)."""
-    model_dir, out = Path(model_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    model = load_model(model_dir)
-    kind = model.config.activation_fn
-    if kind in ("batchtopk", "topk"):
-        raise ConfigError(
-            f"{model_dir} is a {kind} model, which circuit-tracer cannot run (it knows JumpReLU and ReLU); "
-            f"convert it first: clt convert {model_dir} --out DIR"
-        )
-    source = read_source(model_dir)
-    weights = folded_weights(model, read_normalizer(model_dir))
-    store = source.get("store", {})
-    tmp = out.with_name(f".{out.name}.exporting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for i in range(model.config.num_layers):
-        encoder = {
-            f"W_enc_{i}": weights["W_enc"][i],
-            f"b_enc_{i}": weights["b_enc"][i],
-            f"b_dec_{i}": weights["b_dec"][i],
-        }
-        if kind == "jumprelu":
-            encoder[f"threshold_{i}"] = model.threshold.detach()[i].float()
-        save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp / f"W_enc_{i}.safetensors"))
-        save_file({f"W_dec_{i}": weights["W_dec"][i].contiguous()}, str(tmp / f"W_dec_{i}.safetensors"))
-    config = {
-        "model_kind": "cross_layer_transcoder",
-        "model_name": store.get("model", {}).get("name"),
-        "feature_input_hook": INPUT_HOOK,
-        "feature_output_hook": OUTPUT_HOOK,
-        "clt_hook_templates": store.get("hook_templates", {}),
-        "activation_function": "jump_relu" if kind == "jumprelu" else "relu",
+def fold_normalization(state: dict[str, torch.Tensor], normalizer: Normalizer | None) -> dict[str, torch.Tensor]:
+    """Our parameters (`model.safetensors` names: `W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec.{s} [F,L-s,d]`,
+    `b_dec [L,d]`, optional `log_threshold`) trained behind `normalizer` -> the same on raw activations, float32.
+
+    Pure; computed in float64 one tensor at a time (a large CLT's decoders do not fit twice in float64)."""
+    f32, f64 = torch.float32, torch.float64
+    if normalizer is None:
+        return {name: value.detach().to(f32, copy=True) for name, value in state.items()}
+    mu_in, sd_in = normalizer.inputs_mean.to(f64), normalizer.inputs_std.to(f64)
+    mu_t, sd_t = normalizer.targets_mean.to(f64), normalizer.targets_std.to(f64)
+    W_enc = state["W_enc"].detach().to(f64)
+    out = {
+        "W_enc": (W_enc / sd_in[:, None, :]).to(f32),
+        "b_enc": (state["b_enc"].detach().to(f64) - torch.einsum("lfd,ld->lf", W_enc, mu_in / sd_in)).to(f32),
+        "b_dec": (state["b_dec"].detach().to(f64) * sd_t + mu_t).to(f32),
     }
-    (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / "config.json").write_text(model.config.model_dump_json(indent=2))
-    (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    del W_enc
+    for name, value in state.items():
+        if name.startswith("W_dec."):
+            s = int(name.split(".")[1])
+            out[name] = (value.detach().to(f64) * sd_t[s:][None]).to(f32)
+        elif name not in out:
+            out[name] = value.detach().to(f32, copy=True)  # log_threshold: pre-activations are unchanged
     return out
 
 
-def load_export(path: str | Path) -> CrossLayerTranscoder:
-    """A native model from a circuit-tracer export. It works on raw activations (the normalisation is folded into
-    its weights), so it needs no `normalization.safetensors`; its outputs equal the original model's de-normalised
-    ones to float32 rounding."""
-    path = Path(path)
+def circuit_tracer_hooks(hook_templates: dict[str, Any]) -> tuple[str, str]:
+    """circuit-tracer's `(feature_input_hook, feature_output_hook)` for the modules a store was captured from."""
+    if not hook_templates:
+        log.warning("the model's source records no capture templates; assuming the MLP input and output")
+        return INPUT_HOOK, OUTPUT_HOOK
+
+    def lookup(role: str, table: dict[tuple[str, str], str]) -> str | None:
+        template = str(hook_templates.get(f"{role}_template", ""))
+        kind = str(hook_templates.get(f"{role}_kind", "input" if role == "input" else "output"))
+        return table.get((template.partition("{layer}.")[2], kind))
+
+    hooks = lookup("input", _INPUT_HOOKS), lookup("output", _OUTPUT_HOOKS)
+    if hooks[0] is None or hooks[1] is None:
+        captured = f"{hook_templates.get('input_template')} -> {hook_templates.get('output_template')}"
+        raise ConfigError(
+            f"the model was trained on {captured}, which has no circuit-tracer hook name known here; pass "
+            f"--input-hook and --output-hook (e.g. {INPUT_HOOK} and {OUTPUT_HOOK})"
+        )
+    return hooks[0], hooks[1]
+
+
+def export_circuit_tracer(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    input_hook: str | None = None,
+    output_hook: str | None = None,
+) -> Path:
+    """Write the circuit-tracer files of the model in `model_dir` to `out_dir` (atomically: whole or absent).
+
+    Hooks default to those matching the model's capture templates (see the module docstring)."""
+    model_dir, out = Path(model_dir), Path(out_dir)
+    config = read_config(model_dir)
+    kind = config.activation_fn
+    if kind in ("batchtopk", "topk"):
+        raise ConfigError(
+            f"{model_dir} is a {kind} model, which circuit-tracer cannot run (it knows JumpReLU and ReLU); "
+            f"convert it to JumpReLU first: clt convert {model_dir} --out DIR, then export DIR"
+        )
+    if out.resolve() == model_dir.resolve():
+        raise ConfigError(f"--out {out} is the model directory itself; choose another directory")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} exists; pass --overwrite to replace it")
+    source = read_source(model_dir)
+    store = source.get("store", {})
+    if input_hook is None or output_hook is None:
+        hooks = circuit_tracer_hooks(store.get("hook_templates", {}))
+        input_hook, output_hook = input_hook or hooks[0], output_hook or hooks[1]
+    model = load_model(model_dir)
+    normalizer = read_normalizer(model_dir)
+    state = fold_normalization(dict(model.named_parameters()), normalizer)
+    del model
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # mkdir, unlike mkdtemp, keeps umask
+    tmp.mkdir()
+    try:
+        for i in range(config.num_layers):
+            encoder = {
+                f"W_enc_{i}": state["W_enc"][i],
+                f"b_enc_{i}": state["b_enc"][i],
+                f"b_dec_{i}": state["b_dec"][i],
+            }
+            if kind == "jumprelu":
+                # exp in float32, exactly the threshold our forward compares against.
+                encoder[f"threshold_{i}"] = state["log_threshold"][i].exp()
+            save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp / f"W_enc_{i}.safetensors"))
+            save_file({f"W_dec_{i}": state[f"W_dec.{i}"].contiguous()}, str(tmp / f"W_dec_{i}.safetensors"))
+        ct_config: dict[str, Any] = {"model_kind": "cross_layer_transcoder"}
+        if store.get("model", {}).get("name"):
+            ct_config["model_name"] = store["model"]["name"]
+        ct_config |= {
+            "feature_input_hook": input_hook,
+            "feature_output_hook": output_hook,
+            "activation_function": "jump_relu" if kind == "jumprelu" else "relu",
+            "clt_pipeline": {
+                "data": source.get("data"),
+                "hook_templates": store.get("hook_templates", {}),
+                "normalization_folded": normalizer is not None,
+            },
+        }
+        (tmp / "config.yaml").write_text(yaml.safe_dump(ct_config, sort_keys=False))
+        (tmp / "config.json").write_text(config.model_dump_json(indent=2))
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`; an existing `out` is moved aside first and deleted only afterwards."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    out.rename(old)
+    tmp.rename(out)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def load_circuit_tracer(export_dir: str | Path) -> tuple[CrossLayerTranscoder, dict[str, Any]]:
+    """A native model and its `source.json` from one of our circuit-tracer exports.
+
+    The model works on RAW activations: its normalisation is folded into the weights, so it needs no
+    `normalization.safetensors` (save it with `save_checkpoint(dir, model, normalizer=None, source=source)`). Its
+    raw reconstruction equals the original model's de-normalised one to float32 rounding."""
+    path = Path(export_dir)
     try:
         config = CLTConfig.model_validate_json((path / "config.json").read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: not an export of ours (no config.json)") from None
+        raise ConfigError(
+            f"{path}: not a clt export (no config.json); export a model with `clt export` first"
+        ) from None
     model = CrossLayerTranscoder(config)
+    params = dict(model.named_parameters())
     with torch.no_grad():
         for i in range(config.num_layers):
-            enc = load_file(str(path / f"W_enc_{i}.safetensors"))
-            model.W_enc[i] = enc[f"W_enc_{i}"]
-            model.b_enc[i] = enc[f"b_enc_{i}"]
-            model.b_dec[i] = enc[f"b_dec_{i}"]
+            enc, dec = _read(path / f"W_enc_{i}.safetensors"), _read(path / f"W_dec_{i}.safetensors")
+            values = {"W_enc": enc.get(f"W_enc_{i}"), "b_enc": enc.get(f"b_enc_{i}"), "b_dec": enc.get(f"b_dec_{i}")}
             if model.log_threshold is not None:
-                model.log_threshold[i] = enc[f"threshold_{i}"].log()
-            model.W_dec[i].copy_(load_file(str(path / f"W_dec_{i}.safetensors"))[f"W_dec_{i}"])
-    return model
+                threshold = enc.get(f"threshold_{i}")
+                values["log_threshold"] = None if threshold is None else threshold.double().log().float()
+            values[f"W_dec.{i}"] = dec.get(f"W_dec_{i}")
+            for name, value in values.items():
+                target = params[name] if name.startswith("W_dec.") else params[name][i]
+                if value is None or value.shape != target.shape:
+                    found = "missing" if value is None else f"shape {tuple(value.shape)}"
+                    raise ConfigError(f"{path}: layer {i} {name} is {found}, config.json needs {tuple(target.shape)}")
+                target.copy_(value)
+    source = json.loads((path / SOURCE_FILE).read_text()) if (path / SOURCE_FILE).exists() else {}
+    return model, source
+
+
+def _read(file: Path) -> dict[str, torch.Tensor]:
+    if not file.exists():
+        raise ConfigError(f"{file.parent}: {file.name} is missing; re-export the model")
+    return load_file(str(file))

@@ -1,19 +1,56 @@
-"""Run by circuit-tracer's own venv (`make circuit-tracer-venv`): load an export with `load_clt` and write its
-reconstruction of raw inputs. Usage: python circuit_tracer_check.py EXPORT_DIR INPUTS.safetensors OUT.safetensors"""
+"""Run by circuit-tracer's own venv (`make circuit-tracer-venv`; it pins transformers 4.57, so it cannot import us):
+load one of our exports the ways circuit-tracer 0.5 does and write each one's reconstruction of raw inputs.
 
+- `load_clt(dir, hooks from config.yaml, lazy_decoder=False)`: every decoder in memory;
+- `load_clt(dir, ...)` with its default lazy decoder: decoder rows sliced from `W_dec_{i}.safetensors` on demand;
+- `load_transcoders_from_cache(name, cache_dir=parent)`: circuit-tracer reads our `config.yaml` itself (model_kind,
+  hooks) the way it reads a downloaded transcoder set, then calls `load_clt`.
+
+Usage: python circuit_tracer_check.py EXPORT_DIR INPUTS.safetensors OUT.safetensors
+INPUTS holds `x [N, L, d]` (raw MLP inputs); OUT gets one `[N, L, d]` reconstruction per way, plus a JSON summary on
+stdout (activation function, hooks, model name) for the caller to check.
+"""
+
+from __future__ import annotations
+
+import json
 import sys
+from pathlib import Path
 
 import torch
-from circuit_tracer.transcoder.cross_layer_transcoder import load_clt
+import yaml
+from circuit_tracer.transcoder.activation_functions import JumpReLU
+from circuit_tracer.transcoder.cross_layer_transcoder import CrossLayerTranscoder, load_clt
+from circuit_tracer.utils.caching import load_transcoders_from_cache
 from safetensors.torch import load_file, save_file
 
-export, inputs, out = sys.argv[1:4]
-clt = load_clt(export, feature_input_hook="mlp.hook_in", feature_output_hook="mlp.hook_out",
-               device=torch.device("cpu"), dtype=torch.float32, lazy_decoder=False)  # fmt: skip
-x = load_file(inputs)["x"]  # [N, L, d], raw MLP inputs
-with torch.no_grad():
-    recon = clt(x.transpose(0, 1).contiguous())  # circuit-tracer is layer-first: [L, N, d]
-save_file({"reconstruction": recon.transpose(0, 1).contiguous()}, out)
-print(
-    f"circuit-tracer {type(clt.activation_function).__name__} CLT: {clt.n_layers} layers, {clt.d_transcoder} features"
-)
+
+def reconstruct(clt: CrossLayerTranscoder, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return clt(x.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()  # circuit-tracer is layer-first
+
+
+def main() -> None:
+    export, inputs, out = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+    config = yaml.safe_load((export / "config.yaml").read_text())
+    hooks = {"feature_input_hook": config["feature_input_hook"], "feature_output_hook": config["feature_output_hook"]}
+    cpu, f32 = torch.device("cpu"), torch.float32
+    x = load_file(inputs)["x"]
+    eager = load_clt(str(export), **hooks, device=cpu, dtype=f32, lazy_decoder=False)
+    lazy = load_clt(str(export), **hooks, device=cpu, dtype=f32)
+    cached, cached_config = load_transcoders_from_cache(export.name, cache_dir=export.parent, device=cpu, dtype=f32)
+    save_file({name: reconstruct(clt, x) for name, clt in [("eager", eager), ("lazy", lazy), ("cached", cached)]}, out)
+    summary = {
+        "activation": "jump_relu" if isinstance(eager.activation_function, JumpReLU) else "relu",
+        "n_layers": eager.n_layers,
+        "d_transcoder": eager.d_transcoder,
+        "d_model": eager.d_model,
+        "hooks": [cached.feature_input_hook, cached.feature_output_hook],
+        "model_name": cached_config.get("model_name"),
+        "model_kind": cached_config["model_kind"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

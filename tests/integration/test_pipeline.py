@@ -88,3 +88,14 @@ def test_stages_run_then_cache_then_rerun_from_training(harness, tiny_dirs: dict
     assert run.data.params["train.training_steps"] == "30" and "eval/mean_nmse" in run.data.metrics
     assert run.data.tags["store"] == first["store"]
     assert len(client.get_metric_history(run.info.run_id, "train/loss/total")) >= 3
+
+    # The registry from the command line: list the versions, fetch the champion's circuit-tracer files.
+    from clt_core.cli import main
+
+    uri = tracking_uri(config)
+    assert main(["models", "list", "--tracking-uri", uri]) == 0
+    assert main(["models", "get", "clt@champion", "--out", str(tmp_path / "got"), "--tracking-uri", uri]) == 0
+    assert (tmp_path / "got" / "W_dec_0.safetensors").exists() and (
+        tmp_path / "got" / "native" / "config.json"
+    ).exists()
+    assert main(["models", "get", "missing@champion", "--out", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
