@@ -27,7 +27,7 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
 
 
 def test_compose_file_is_valid_with_credentials_from_the_environment() -> None:
-    result = compose_config({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    result = compose_config({"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "POSTGRES_PASSWORD": "p"})
     assert result.returncode == 0, result.stderr
 
 
@@ -35,3 +35,21 @@ def test_compose_refuses_to_start_without_credentials() -> None:
     result = compose_config({})
     assert result.returncode != 0
     assert "missing a value" in result.stderr and "AWS_" in result.stderr
+
+
+def test_every_service_is_healthy_checked_or_waits_and_publishes_on_loopback_only() -> None:
+    import json
+
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "POSTGRES_PASSWORD": "p"}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    result = subprocess.run(
+        [str(BINARY), "-f", str(ROOT / "docker-compose.yml"), "--profile", "minio", "config", "--format", "json"],
+        env={**clean, **env}, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    assert {"s3", "minio", "postgres", "mlflow", "prefect-server", "worker"} <= set(services)
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port["host_ip"] == "127.0.0.1", (name, port)
+    assert "MLFLOW_SERVER_ALLOWED_HOSTS" in services["mlflow"]["environment"]
