@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all lint format bench clean circuit-tracer-venv check-circuit-tracer
+.PHONY: install demo test test-all lint format bench clean circuit-tracer-venv check-circuit-tracer stack-up stack-down
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ circuit-tracer-venv: $(CT_VENV)/.stamp
 
 check-circuit-tracer: install circuit-tracer-venv
 	$(BIN)/pytest -m slow tests/integration/test_circuit_tracer.py $(PYTEST_ARGS)
+
+# The compose stack's services, natively (no Docker): SeaweedFS, PostgreSQL, MLflow, Prefect server and worker.
+stack-up: install
+	$(BIN)/python -m infra.stack.native up --dir .stack
+	@echo "then: source .stack/env && $(BIN)/prefect --no-prompt deploy --all"
+
+stack-down:
+	$(BIN)/python -m infra.stack.native down --dir .stack
 
 clean:
 	rm -rf $(VENV) $(CT_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
