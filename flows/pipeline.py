@@ -86,10 +86,51 @@ def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None =
         }  # fmt: skip
         mlflow.set_tags(lineage)
         registered = run(tasks.register)(converted, exported, evaluated, config.registry, run_id, lineage)
+        experiment_id = mlflow_run.info.experiment_id
+    _summary_artifact(config, acts, trained, converted, evaluated, registered, run_id, experiment_id)
     summary = {**lineage, "mlflow_run_id": run_id, "registered": registered, "metrics": evaluated["metrics"],
                "export": exported["url"]}  # fmt: skip
     logger.info(f"pipeline done: {summary}")
     return summary
+
+
+def _summary_artifact(config: PipelineConfig, acts: dict, trained: dict, converted: dict, evaluated: dict,
+                      registered: dict, run_id: str, experiment_id: str) -> None:  # fmt: skip
+    """A markdown summary of the run in Prefect's UI: each stage's output, per-layer metrics, the MLflow run."""
+    from prefect.artifacts import create_markdown_artifact
+
+    uri = tracking_uri(config)
+    link = f"{uri}/#/experiments/{experiment_id}/runs/{run_id}" if uri.startswith("http") else f"{uri} run {run_id}"
+    report = converted.get("report", {})
+    rows = "\n".join(
+        f"| {layer} | {nmse:.4f} | {l0:.1f} |"
+        for layer, (nmse, l0) in enumerate(zip(report.get("calibrated", report.get("final", {})).get("nmse", []),
+                                               report.get("calibrated", report.get("final", {})).get("l0", []),
+                                               strict=True))
+    )  # fmt: skip
+    metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in evaluated["metrics"].items())
+    markdown = f"""# clt-pipeline run
+
+| stage | output |
+|---|---|
+| extract + norm stats | `{acts["url"]}` ({acts["rows"]:,} rows) |
+| train | `{trained["url"]}` |
+| convert | `{converted["url"]}` (estimator {report.get("estimator", "?")}) |
+| register | {registered["name"]} v{registered["version"]}: {registered["reason"]} |
+
+MLflow: {link}
+
+## Evaluation
+| metric | value |
+|---|---|
+{metrics}
+
+## Converted model per layer (held-out)
+| layer | NMSE | L0 |
+|---|---|---|
+{rows}
+"""
+    create_markdown_artifact(markdown=markdown, key="clt-pipeline-summary", description="stages, metrics, MLflow run")
 
 
 def describe(summary: dict[str, Any], config: PipelineConfig) -> str:

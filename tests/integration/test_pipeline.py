@@ -52,6 +52,20 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return states
 
 
+def summary_artifact() -> str:
+    """The newest `clt-pipeline-summary` markdown artifact."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read() -> list:
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["clt-pipeline-summary"]))
+            )
+
+    return asyncio.run(read())[-1].data
+
+
 def run_pipeline(config: PipelineConfig) -> tuple[dict, dict[str, list[str]]]:
     state = clt_pipeline(config, return_state=True)
     assert state.is_completed(), state.message
@@ -66,6 +80,7 @@ def test_stages_run_then_cache_then_rerun_from_training(harness, tiny_dirs: dict
     assert len(states["extract-shard"]) == 2
     assert first["registered"]["promoted"] and first["registered"]["version"] == "1"
     assert Path(first["export"], "W_enc_0.safetensors").exists()
+    assert "| mean_nmse |" in summary_artifact() and first["mlflow_run_id"] in summary_artifact()
 
     second, states = run_pipeline(config)
     assert {name: set(s) for name, s in states.items() if name != "register"} == {
