@@ -61,6 +61,11 @@ def plot_thresholds(model: CrossLayerTranscoder, path: Path, silent_above: float
     ax.set(xlabel="log10 threshold", ylabel="features", title=f"JumpReLU thresholds per layer ({silent} silent)")
     if L <= 12:
         ax.legend(fontsize=7)
+    else:  # too many layers for a legend: a colour scale
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        fig.colorbar(ScalarMappable(Normalize(0, L - 1), cmap), ax=ax, label="layer")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
