@@ -1,8 +1,8 @@
 """`clt evaluate`: a model directory's held-out reconstruction metrics and, optionally, its spliced-in CE/KL on real
 text, written as `evaluation.json` plus PNG plots.
 
-Held-out rows are the store's held-out split (the model's own, from `source.json`), after any rows a conversion
-fitted its thresholds on (`conversion.json`), normalised with the model's own normalisation.
+The held-out metrics come from `clt_core.evaluate.reconstruction`, the spliced-in ones from
+`clt_core.evaluate.spliced`; this module reads the settings, runs both and writes the report and plots.
 """
 
 from __future__ import annotations
@@ -15,13 +15,12 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
-from clt_core.data.sampler import held_out_range, normalized_batches
-from clt_core.data.store import ActivationStore
+from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError
 from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
+from clt_core.evaluate.reconstruction import evaluate_model
 from clt_core.evaluate.spliced import CLTReplacement, spliced_metrics
 from clt_core.train.checkpoint import load_model, read_normalizer, read_source
-from clt_core.train.evaluation import reconstruction_metrics
 
 REPORT_FILE = "evaluation.json"
 
@@ -53,36 +52,21 @@ class EvaluateConfig(Config):
     """Windows per forward pass in the spliced-in evaluation."""
     per_layer: bool = False
     """Spliced-in: also replace one layer at a time (L more forward passes per batch)."""
+    device: str = "auto"
+    """Where the CLT and the language model run: auto (CUDA when available), cpu, cuda, cuda:N."""
 
 
 def reconstruction_report(model_dir: Path, config: EvaluateConfig) -> dict[str, Any]:
-    """NMSE, EV, L0 per layer, dead and dense features on held-out rows."""
-    model, normalizer, source = load_model(model_dir).eval(), read_normalizer(model_dir), read_source(model_dir)
-    url = config.data or source.get("data")
-    if url is None:
-        raise ConfigError(f"{model_dir} does not say which store it was trained on; pass --data URL")
-    store = ActivationStore.open(url)
-    cfg = model.config
-    if (store.num_layers, store.d_model) != (cfg.num_layers, cfg.d_model):
-        raise ConfigError(
-            f"{store.url} has {store.num_layers} layers of width {store.d_model}, the model {model_dir} "
-            f"{cfg.num_layers} of width {cfg.d_model}: evaluate it on a store of its own language model"
-        )
-    fraction = config.holdout_fraction or source.get("sampler", {}).get("holdout_fraction") or 0.05
-    start, stop = held_out_range(store, fraction)
-    conversion = model_dir / "conversion.json"
-    if conversion.exists() and config.data is None:
-        start += json.loads(conversion.read_text()).get("fit_rows", 0)  # rows the thresholds were fitted on
-    stop = min(stop, start + config.max_rows)
-    if stop <= start:
-        raise ConfigError(f"{store.url}: no held-out rows left to evaluate on")
-    metrics = reconstruction_metrics(model, normalized_batches(store, normalizer, start, stop, config.batch_size))
-    density = metrics.pop("feature_density")
-    metrics["dense_fraction"] = float((density > config.dense_threshold).double().mean())
-    metrics["dead_per_layer"] = (density == 0).double().mean(dim=1).tolist()
-    metrics["dense_per_layer"] = (density > config.dense_threshold).double().mean(dim=1).tolist()
-    metrics["data"] = store.url
-    return {"reconstruction": metrics, "_density": density}
+    """NMSE, EV, L0 per layer, dead and dense features on held-out rows (`feature_density` still a tensor)."""
+    return evaluate_model(
+        model_dir,
+        config.data,
+        max_rows=config.max_rows,
+        batch_size=config.batch_size,
+        holdout_fraction=config.holdout_fraction,
+        dense_threshold=config.dense_threshold,
+        device=resolve_device(config.device),
+    )
 
 
 def spliced_report(model_dir: Path, config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
@@ -91,12 +75,14 @@ def spliced_report(model_dir: Path, config: EvaluateConfig, progress: bool = Tru
     from clt_core.extract.models import capture_points, resolve_model
     from clt_core.extract.text import TextConfig, iter_windows, limit_rows
 
-    model, normalizer, source = load_model(model_dir).eval(), read_normalizer(model_dir), read_source(model_dir)
+    device = resolve_device(config.device)
+    model = load_model(model_dir, device=device).eval()
+    normalizer, source = read_normalizer(model_dir), read_source(model_dir)
     store = source.get("store", {})
     spec = config.model or store.get("model", {}).get("name")
     if spec is None:
         raise ConfigError(f"{model_dir} does not say which language model it was trained on; pass --model")
-    lm = resolve_model(spec, dtype=torch.float32)
+    lm = resolve_model(spec, dtype=torch.float32, device=device)
     hooks = store.get("hook_templates", {})
     points = capture_points(lm.model, hooks.get("input_template"), hooks.get("output_template"),
                             input_kind=hooks.get("input_kind"), output_kind=hooks.get("output_kind"))  # fmt: skip
@@ -123,8 +109,8 @@ def evaluate(model_dir: str | Path, out: str | Path | None = None, config: Evalu
     config = config or EvaluateConfig()
     model_dir = Path(model_dir)
     out = Path(out) if out else model_dir / "evaluation"
-    report = reconstruction_report(model_dir, config)
-    density = report.pop("_density")
+    report = {"reconstruction": reconstruction_report(model_dir, config)}
+    density = report["reconstruction"].pop("feature_density")
     if config.spliced:
         report["spliced"] = spliced_report(model_dir, config, progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -155,4 +141,7 @@ def describe(report: dict[str, Any]) -> str:
             f"{s['ce_spliced']:.3f} (zero-ablation {s['ce_zero_ablation']:.3f}), CE recovered {s['ce_recovered']:.3f}, "
             f"KL {s['kl_per_token']:.3f}/token, top-1 agreement {s['top1_agreement']:.1%}"
         )
+        if s.get("per_layer"):
+            recovered = " ".join(f"{layer['ce_recovered']:.2f}" for layer in s["per_layer"])
+            lines.append(f"one layer at a time, CE recovered per layer: {recovered}")
     return "\n".join(lines)

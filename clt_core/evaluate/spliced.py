@@ -4,10 +4,15 @@
 All layers at once: at each layer in order, the MLP input of the spliced run itself is normalised and encoded, and
 the MLP output becomes the de-normalised sum of the decoders of that layer's and every earlier layer's features,
 plus the decoder bias. One layer at a time (`per_layer`): only layer l's output is replaced, by the reconstruction
-from the original run's inputs. Positions the CLT never trained on (BOS and special tokens, which extraction keeps
-out of the store) keep their true MLP output, in the spliced and the zero-ablated runs alike. batchtopk/topk models
-select over the tokens of the batch at each layer (per_layer scope only: a global k spans layers the spliced run has
-not reached yet; convert such a model to JumpReLU first).
+from the original run's inputs (its zero-ablation baseline zeroes that layer alone). Positions the CLT never trained
+on (BOS and special tokens, which extraction keeps out of the store) keep their true MLP output, in the spliced and
+the zero-ablated runs alike, and are not encoded at all. batchtopk models keep, at each layer, the k·N largest
+pre-activations over the N kept tokens of the forward pass (`text_batch_size` windows), as in training, so a token's
+features depend on the batch it is evaluated in; topk models keep k per token. Only `topk_scope: per_layer` can be
+spliced: a global k spans layers the spliced run has not reached yet (convert such a model to JumpReLU first).
+
+The replacement is a plain function `(layer, MLP input, true MLP output) -> output to splice in`, so tests can splice
+in an oracle (the true output: nothing changes) or zeros (zero-ablation) through the very same code path.
 
 Reported over every next-token prediction: the original, spliced and zero-ablation cross-entropy, the fraction of
 CE recovered `(CE_zero − CE_spliced) / (CE_zero − CE_orig)`, the mean KL(original ‖ spliced) per token and the
@@ -47,7 +52,12 @@ class CLTReplacement:
                 f"a {cfg.activation_fn} model with a global k cannot be spliced in layer by layer; convert it to "
                 "JumpReLU first (clt convert)"
             )
-        self.model, self.normalizer = model, normalizer
+        self.model = model
+        device = model.W_enc.device
+        self.stats = None if normalizer is None else tuple(
+            t.to(device) for t in (normalizer.inputs_mean, normalizer.inputs_std, normalizer.targets_mean,
+                                   normalizer.targets_std)
+        )  # fmt: skip
         self.partial: torch.Tensor | None = None  # [N_kept, L, d]: decoded so far, normalised units
         self.keep: torch.Tensor | None = None
 
@@ -57,10 +67,11 @@ class CLTReplacement:
 
     def features(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """Raw MLP inputs `[N, d]` of one layer -> its feature activations `[N, F]`."""
-        m, n = self.model, self.normalizer
-        if n is not None:
-            x = (x.float() - n.inputs_mean[layer]) / n.inputs_std[layer]
-        pre = x.float() @ m.W_enc[layer].T + m.b_enc[layer]
+        m = self.model
+        x = x.to(m.W_enc.device, torch.float32)
+        if self.stats is not None:
+            x = (x - self.stats[0][layer]) / self.stats[1][layer]
+        pre = x @ m.W_enc[layer].T + m.b_enc[layer]
         kind = m.config.activation_fn
         if kind == "jumprelu":
             return pre * (pre > m.threshold[layer])
@@ -72,14 +83,13 @@ class CLTReplacement:
         m = self.model
         L, d = m.config.num_layers, m.config.d_model
         if self.partial is None:
-            self.partial = torch.zeros(acts.shape[0], L, d)
+            self.partial = torch.zeros(acts.shape[0], L, d, device=acts.device)
         self.partial[:, layer:] += (acts @ m.W_dec[layer].reshape(acts.shape[1], -1)).reshape(-1, L - layer, d)
 
     def output(self, layer: int) -> torch.Tensor:
         """The raw reconstruction `[N, d]` of layer `layer` from the features added so far."""
         y = self.partial[:, layer] + self.model.b_dec[layer]
-        n = self.normalizer
-        return y if n is None else y * n.targets_std[layer] + n.targets_mean[layer]
+        return y if self.stats is None else y * self.stats[3][layer] + self.stats[2][layer]
 
     def __call__(self, layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         self.add_features(layer, self.features(layer, x.reshape(-1, x.shape[-1])[self.keep]))
@@ -87,7 +97,7 @@ class CLTReplacement:
 
     def _scatter(self, kept: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = y.reshape(-1, y.shape[-1]).clone()
-        out[self.keep] = kept.to(y.dtype)
+        out[self.keep] = kept.to(y.device, y.dtype)
         return out.reshape(y.shape)
 
 

@@ -11,13 +11,18 @@ import pytest
 import torch
 
 from clt_core.cli import main
-from clt_core.data.sampler import Normalizer, SamplerConfig
+from clt_core.data.sampler import Normalizer, SamplerConfig, held_out_range
+from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
+from clt_core.errors import ConfigError
+from clt_core.evaluate import evaluate_model
+from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
 from clt_core.evaluate.spliced import CLTReplacement, SplicedRunner, spliced_metrics
 from clt_core.extract.extractor import ExtractConfig, batched_windows, extract
 from clt_core.extract.models import capture_points, resolve_model
 from clt_core.extract.text import TextConfig, iter_windows, limit_rows
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
+from clt_core.train.checkpoint import save_checkpoint
 from clt_core.train.config import TrainConfig
 from clt_core.train.trainer import train
 
@@ -66,56 +71,119 @@ def random_clt(d: int, layers: int, activation: str = "jumprelu") -> tuple[Cross
     return model, norm
 
 
-def hook_reference(lm, points, model: CrossLayerTranscoder, norm: Normalizer, ids, keep) -> torch.Tensor:
-    """The replacement model with plain forward hooks: recon_t = Σ_{s≤t} f_s·W_dec[s][:, t−s] + b_dec[t], f_s the
-    JumpReLU features of the spliced run's own (normalised) MLP input at s; kept positions only."""
-    features: dict[int, torch.Tensor] = {}
-    handles = []
+def reference_features(model: CrossLayerTranscoder, norm: Normalizer, layer: int, x: torch.Tensor,
+                       keep: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Features `[B, T, F]` of raw MLP inputs, written out independently: JumpReLU per entry, batchtopk as the
+    k·N largest pre-activations over the N kept positions; 0 at positions that are not kept."""
+    pre = torch.einsum("btd,fd->btf", (x.float() - norm.inputs_mean[layer]) / norm.inputs_std[layer],
+                       model.W_enc[layer]) + model.b_enc[layer]  # fmt: skip
+    if model.config.activation_fn == "jumprelu":
+        acts = pre * (pre > model.threshold[layer])
+    else:
+        kept = pre[keep]
+        count = int(model.config.k * kept.shape[0])
+        cut = kept.flatten().topk(count).values.min()
+        acts = pre * ((pre >= cut) & (pre > 0))
+    return acts * keep[..., None]
+
+
+def hook_reference(lm, points, model: CrossLayerTranscoder, norm: Normalizer, ids, keep,
+                   only: int | None = None) -> torch.Tensor:  # fmt: skip
+    """The replacement model with plain forward hooks: recon_t = Σ_{s≤t} f_s·W_dec[s][:, t−s] + b_dec[t] at kept
+    positions. All layers (`only=None`): f_s from the spliced run's own MLP input at s. One layer (`only=t`): f_s from
+    an unmodified run's inputs, and only layer t replaced."""
     modules = dict(lm.model.named_modules())
+    inputs: dict[int, torch.Tensor] = {}
 
     def grab(layer):
         def pre_hook(_m, args, kwargs):
-            x = (args[0] if args else next(iter(kwargs.values()))).float()
-            pre = torch.einsum("btd,fd->btf", (x - norm.inputs_mean[layer]) / norm.inputs_std[layer],
-                               model.W_enc[layer]) + model.b_enc[layer]  # fmt: skip
-            features[layer] = pre * (pre > model.threshold[layer])
+            inputs[layer] = args[0] if args else next(iter(kwargs.values()))
 
         return pre_hook
 
     def replace(layer):
         def hook(_m, _args, output):
-            recon = sum(features[s] @ model.W_dec[s][:, layer - s] for s in range(layer + 1)) + model.b_dec[layer]
+            if only is not None and layer != only:
+                return output
+            feats = [reference_features(model, norm, s, inputs[s], keep) for s in range(layer + 1)]
+            recon = sum(f @ model.W_dec[s][:, layer - s] for s, f in enumerate(feats)) + model.b_dec[layer]
             recon = recon * norm.targets_std[layer] + norm.targets_mean[layer]
             return torch.where(keep[..., None], recon.to(output.dtype), output)
 
         return hook
 
-    for layer in range(points.num_layers):
-        handles.append(modules[points.input_name(layer)].register_forward_pre_hook(grab(layer), with_kwargs=True))
-        handles.append(modules[points.output_name(layer)].register_forward_hook(replace(layer)))
+    handles = [modules[points.input_name(layer)].register_forward_pre_hook(grab(layer), with_kwargs=True)
+               for layer in range(points.num_layers)]  # fmt: skip
     try:
         with torch.no_grad():
+            if only is not None:
+                lm.model(ids)  # the original run's inputs, kept in `inputs`
+                for h in handles:
+                    h.remove()
+            handles += [modules[points.output_name(layer)].register_forward_hook(replace(layer))
+                        for layer in range(points.num_layers)]  # fmt: skip
             return lm.model(ids).logits.float()
     finally:
         for h in handles:
             h.remove()
 
 
+def ce_and_kl(original: torch.Tensor, spliced: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
+    """Mean next-token CE of `spliced` and mean KL(original ‖ spliced), over every prediction."""
+    p = original[:, :-1].double().log_softmax(-1)
+    q = spliced[:, :-1].double().log_softmax(-1)
+    ce = -q.gather(-1, ids[:, 1:, None]).mean()
+    return float(ce), float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "batchtopk"])
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_the_nnsight_splice_equals_forward_hooks(tiny_dirs: dict[str, Path], kind: str) -> None:
+def test_the_nnsight_splice_equals_forward_hooks(tiny_dirs: dict[str, Path], kind: str, activation: str) -> None:
     lm = resolve_model(str(tiny_dirs[kind]))
     points = capture_points(lm.model)
-    model, norm = random_clt(lm.d_model, points.num_layers)
+    model, norm = random_clt(lm.d_model, points.num_layers, activation)
     batch = windows(lm)[0]
     ids = torch.as_tensor(np.stack([w.token_ids for w in batch]))
     keep = torch.as_tensor(np.stack([w.keep for w in batch]))
-    assert not keep[:, 0].any()  # the BOS position keeps its true output
+    assert not keep[:, 0].any() and keep[:, 1:].all()  # the BOS position keeps its true output
     with torch.no_grad():
         ours, _ = SplicedRunner(lm.model, points).logits(ids, keep, CLTReplacement(model, norm).reset(keep))
         original = lm.model(ids).logits.float()
     reference = hook_reference(lm, points, model, norm, ids, keep)
     assert (reference - original).abs().max() > 1e-2  # the splice changes the model's output
     torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours[:, 0], original[:, 0])  # BOS: every layer's true output, so the same logits
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_per_layer_and_all_layer_metrics_match_forward_hooks(tiny_dirs: dict[str, Path], kind: str) -> None:
+    lm = resolve_model(str(tiny_dirs[kind]))
+    points = capture_points(lm.model)
+    model, norm = random_clt(lm.d_model, points.num_layers)
+    batch = windows(lm)[0]
+    ids = torch.as_tensor(np.stack([w.token_ids for w in batch]))
+    keep = torch.as_tensor(np.stack([w.keep for w in batch]))
+    clt = CLTReplacement(model, norm)
+    result = spliced_metrics(lm.model, points, [batch], clt.reset, per_layer=CLTReplacement(model, norm),
+                             progress=False)  # fmt: skip
+    with torch.no_grad():
+        original = lm.model(ids).logits.float()
+    ce, kl = ce_and_kl(original, hook_reference(lm, points, model, norm, ids, keep), ids)
+    assert result["ce_spliced"] == pytest.approx(ce, abs=1e-4) and result["kl_per_token"] == pytest.approx(kl, abs=1e-4)
+    assert len(result["per_layer"]) == points.num_layers
+    for layer, metrics in enumerate(result["per_layer"]):
+        ce, kl = ce_and_kl(original, hook_reference(lm, points, model, norm, ids, keep, only=layer), ids)
+        assert kl > 1e-4  # replacing one layer changes the output...
+        assert metrics["ce_spliced"] == pytest.approx(ce, abs=1e-4)  # ...exactly as the hooks do
+        assert metrics["kl_per_token"] == pytest.approx(kl, abs=1e-4)
+        assert metrics["ce_original"] == pytest.approx(result["ce_original"], rel=1e-12)
+
+
+def test_a_global_topk_model_cannot_be_spliced_layer_by_layer() -> None:
+    model = CrossLayerTranscoder(CLTConfig(num_layers=2, d_model=8, num_features=16, activation_fn="batchtopk", k=2,
+                                           topk_scope="global"))  # fmt: skip
+    with pytest.raises(ConfigError, match="global k"):
+        CLTReplacement(model, None)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +207,7 @@ def test_clt_evaluate_end_to_end(trained_dir: Path, tiny_dirs: dict[str, Path], 
             "--text", "packaged:kjv", "--quiet"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "CE recovered" in printed and "NMSE" in printed
+    assert "CE recovered" in printed and "NMSE" in printed and "CE recovered per layer" in printed
     report = json.loads((out / "evaluation.json").read_text())
     rec, spliced = report["reconstruction"], report["spliced"]
     assert rec["rows"] == 512 and len(rec["nmse"]) == 3 and 0 <= rec["dead_fraction"] <= 1
@@ -149,23 +217,55 @@ def test_clt_evaluate_end_to_end(trained_dir: Path, tiny_dirs: dict[str, Path], 
         assert (out / name).stat().st_size > 2000, name
 
 
-def test_dead_and_dense_features_are_counted(trained_dir: Path, tmp_path: Path) -> None:
-    from clt_core.evaluate.evaluation import EvaluateConfig, reconstruction_report
-    from clt_core.train.checkpoint import load_model, read_normalizer, read_source, save_checkpoint
-
-    model = load_model(trained_dir)
+def test_dead_and_dense_features_are_counted_exactly(tmp_path: Path) -> None:
+    """A hand-built relu CLT on a synthetic store: per layer 4 features never fire, 3 always fire, one fires on the
+    top 5 % of held-out rows (neither dead nor dense at 10 %, dense at 1 %) and 8 stay at relu(0) = 0 (dead)."""
+    L, d, F = 3, 16, 16
+    store = make_synthetic_store(str(tmp_path / "store"), SyntheticConfig(rows=1024, num_layers=L, d_model=d,
+                                 num_features=8, rows_per_chunk=128, dtype="float32"))  # fmt: skip
+    start, stop = held_out_range(store, 0.25)
+    x = store.read(start, stop).inputs.float()
+    model = CrossLayerTranscoder(CLTConfig(num_layers=L, d_model=d, num_features=F, activation_fn="relu"))
     with torch.no_grad():
-        model.b_enc[:, :8] = -1e6  # never fire
-        model.b_enc[:, 8:12] = 1e6  # always fire
-    save_checkpoint(tmp_path / "m", model, None, None, read_normalizer(trained_dir), read_source(trained_dir))
-    rec = reconstruction_report(tmp_path / "m", EvaluateConfig())["reconstruction"]
-    assert all(dead >= 8 / 64 for dead in rec["dead_per_layer"])
-    assert all(dense >= 4 / 64 for dense in rec["dense_per_layer"])
+        model.W_enc.zero_()
+        model.b_enc.zero_()
+        model.b_enc[:, :4] = -1.0
+        model.b_enc[:, 4:7] = 1.0
+        for layer in range(L):
+            model.W_enc[layer, 7, 0] = 1.0
+            model.b_enc[layer, 7] = -torch.quantile(x[:, layer, 0], 0.95)
+    save_checkpoint(tmp_path / "run" / "final", model)
+    (tmp_path / "run" / "train_config.yaml").write_text("sampler:\n  holdout_fraction: 0.25\n")
+    rec = evaluate_model(tmp_path / "run" / "final", store.url)
+    assert rec["holdout_fraction"] == 0.25 and rec["held_out_rows"] == [start, stop] and rec["rows"] == stop - start
+    assert rec["dead_per_layer"] == [12 / F] * L and rec["dead_count"] == 12 * L
+    assert rec["dense_per_layer"] == [3 / F] * L and rec["dense_count"] == 3 * L
+    assert rec["l0"] == pytest.approx([3.05] * L, abs=0.01)
+    density = rec["feature_density"]
+    assert density.shape == (L, F) and 0.04 < float(density[:, 7].min()) <= float(density[:, 7].max()) < 0.06
+    strict = evaluate_model(tmp_path / "run" / "final", store.url, dense_threshold=0.01, max_rows=128)
+    assert strict["dense_count"] == 4 * L and strict["rows"] == 128
+    assert evaluate_model(tmp_path / "run" / "final", store.url, holdout_fraction=0.5)["rows"] == 512
+
+
+def test_plots_write_pngs_and_refuse_models_without_thresholds(tmp_path: Path) -> None:
+    model = CrossLayerTranscoder(CLTConfig(num_layers=2, d_model=8, num_features=32, activation_fn="jumprelu"))
+    with torch.no_grad():
+        model.log_threshold.uniform_(-5, 0)
+    metrics = {"nmse": [0.2, 0.3], "l0": [5.0, 7.0], "mean_nmse": 0.25, "total_l0": 12.0}
+    lines = [{"step": s, "loss/total": 1 / (s + 1), "eval/mean_nmse": 0.5 / (s + 1)} for s in range(0, 50, 10)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    for path in (plot_layer_metrics(metrics, tmp_path / "layers.png"),
+                 plot_feature_density(torch.rand(2, 32) * (torch.rand(2, 32) > 0.2), tmp_path / "density.png"),
+                 plot_thresholds(model, tmp_path / "thresholds.png"),
+                 plot_training_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")):  # fmt: skip
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+    relu = CrossLayerTranscoder(CLTConfig(num_layers=2, d_model=8, num_features=32, activation_fn="relu"))
+    with pytest.raises(ConfigError, match="no thresholds"):
+        plot_thresholds(relu, tmp_path / "none.png")
 
 
 def test_a_store_of_another_model_is_refused(trained_dir: Path, tmp_path: Path, capsys) -> None:
-    from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
-
     make_synthetic_store(str(tmp_path / "other"), SyntheticConfig(rows=512, num_layers=3, d_model=16, num_features=8))
     assert main(["evaluate", str(trained_dir), "--data", str(tmp_path / "other"), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,102 @@
+"""Reconstruction metrics of a model directory on a store's held-out rows: NMSE, explained variance and L0 per layer,
+dead features (never fired on the rows read) and dense ones (firing on more than `dense_threshold` of them).
+
+The rows are the store's held-out tail with the split the model was trained with (`source.json`, else the run's
+`train_config.yaml`), minus any rows a conversion fitted its thresholds on (`conversion.json`), normalised with the
+model's *own* normalisation, so a store of the same language model other than the training one is evaluated the same
+way the model sees its inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clt_core.data.sampler import held_out_range, normalized_batches
+from clt_core.data.store import ActivationStore
+from clt_core.errors import ConfigError
+from clt_core.train.checkpoint import load_model, read_normalizer, read_source
+from clt_core.train.evaluation import reconstruction_metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOLDOUT_FRACTION = 0.05
+
+
+def training_holdout_fraction(model_dir: Path) -> float | None:
+    """The held-out share the model was trained with: `source.json`'s sampler, else `../train_config.yaml`."""
+    sampler = read_source(model_dir).get("sampler")
+    if sampler is None:
+        train_config = model_dir.parent / "train_config.yaml"
+        if train_config.exists():
+            sampler = (yaml.safe_load(train_config.read_text()) or {}).get("sampler")
+    value = (sampler or {}).get("holdout_fraction")
+    return None if value is None else float(value)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    data_url: str | None = None,
+    *,
+    max_rows: int = 8192,
+    batch_size: int = 1024,
+    holdout_fraction: float | None = None,
+    dense_threshold: float = 0.1,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Held-out metrics of the CLT in `model_dir` on `data_url` (default: its training store).
+
+    `holdout_fraction` overrides the training split (needed when the store is not the training one and the split is
+    unknown). Returns JSON-ready per-layer lists and totals plus `feature_density`, a `[L, F]` tensor (fraction of the
+    rows each feature fired on) for the density plot.
+    """
+    model_dir = Path(model_dir)
+    model = load_model(model_dir, device=device).eval()
+    normalizer, source = read_normalizer(model_dir), read_source(model_dir)
+    url = data_url or source.get("data")
+    if url is None:
+        raise ConfigError(f"{model_dir} does not say which store it was trained on; pass --data URL")
+    store = ActivationStore.open(url)
+    cfg = model.config
+    if (store.num_layers, store.d_model) != (cfg.num_layers, cfg.d_model):
+        raise ConfigError(
+            f"{store.url} has {store.num_layers} layers of width {store.d_model}, the model {model_dir} "
+            f"{cfg.num_layers} of width {cfg.d_model}: evaluate it on a store of its own language model"
+        )
+    fraction = holdout_fraction
+    if fraction is None:
+        fraction = training_holdout_fraction(model_dir)
+        if fraction == 0:
+            log.warning("%s was trained on every row of its store: the rows evaluated on are not held out", model_dir)
+        if not fraction:
+            fraction = DEFAULT_HOLDOUT_FRACTION
+    start, stop = held_out_range(store, fraction)
+    conversion = model_dir / "conversion.json"
+    if conversion.exists() and data_url is None:
+        start += json.loads(conversion.read_text()).get("fit_rows", 0)  # rows the thresholds were fitted on
+    stop = min(stop, start + max_rows)
+    if stop <= start:
+        raise ConfigError(f"{store.url}: no held-out rows left to evaluate on")
+    # Rows are read and normalised on the CPU; reconstruction_metrics moves each batch to `device`.
+    metrics = reconstruction_metrics(model, normalized_batches(store, normalizer, start, stop, batch_size), device)
+    density = metrics.pop("feature_density").cpu()
+    dead, dense = density == 0, density > dense_threshold
+    metrics.update(
+        {
+            "dead_per_layer": dead.double().mean(dim=1).tolist(),
+            "dense_fraction": float(dense.double().mean()),
+            "dense_per_layer": dense.double().mean(dim=1).tolist(),
+            "dead_count": int(dead.sum()),
+            "dense_count": int(dense.sum()),
+            "dense_threshold": dense_threshold,
+            "holdout_fraction": fraction,
+            "held_out_rows": [start, stop],
+            "data": store.url,
+            "feature_density": density,
+        }
+    )
+    return metrics
