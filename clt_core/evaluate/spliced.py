@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
-from clt_core.extract.models import CapturePoints
+from clt_core.extract.models import CapturePoints, module_at
 from clt_core.extract.text import PackedWindow
 from clt_core.model.activations import select_topk
 from clt_core.model.clt import CrossLayerTranscoder
@@ -110,10 +110,7 @@ class SplicedRunner:
         self.traced, self.points = NNsight(lm), points
 
     def _module(self, name: str) -> Any:
-        node = self.traced
-        for part in name.split("."):
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        return node
+        return module_at(self.traced, name)
 
     @torch.no_grad()
     def logits(

@@ -32,7 +32,7 @@ from clt_core.data.shards import (
 from clt_core.data.store import ActivationStore, DType
 from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError, StoreError
-from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, resolve_model
+from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, module_at, resolve_model
 from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, rows_between
 from clt_core.extract.writer import BackgroundWriter
 
@@ -164,10 +164,7 @@ class NNsightCapture:
         self.points = points
 
     def _module(self, name: str) -> Any:
-        node = self.traced
-        for part in name.split("."):
-            node = node[int(part)] if part.isdigit() else getattr(node, part)
-        return node
+        return module_at(self.traced, name)
 
     def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """`[B, T]` token ids -> inputs and targets `[B, T, L, d]`."""

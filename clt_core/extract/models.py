@@ -396,6 +396,14 @@ class CapturePoints:
         }
 
 
+def module_at(root: Any, name: str) -> Any:
+    """The submodule `name` ("model.layers.3.mlp") of a module or of an nnsight envoy wrapping one."""
+    node = root
+    for part in name.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
 _LAYERS_MLP = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.mlp", "output")
 # Gemma 2/3 normalise the MLP output (post_feedforward_layernorm) before adding it to the residual stream. The target is
 # that normalised output: it is what the MLP block writes to the residual (TransformerLens' `hook_mlp_out`, used by
