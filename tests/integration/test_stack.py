@@ -33,7 +33,7 @@ def test_a_deployment_run_trains_and_registers_through_the_worker(tiny_dirs: dic
                   "log_interval": 10, "eval_interval": 20, "checkpoint_interval": 10, "eval_rows": 512},
         "nproc": 2,
         "convert": {"batches": 2},
-        "evaluate": {"eval_rows": 512, "tokens": 128, "text": "packaged:kjv", "batch_size": 4},
+        "evaluate": {"max_rows": 512, "tokens": 128, "text": "packaged:kjv", "text_batch_size": 4},
         "registry": {"model_name": "clt-stack-test"},
     }  # fmt: skip
     config_file = tmp_path / "tiny.yaml"
