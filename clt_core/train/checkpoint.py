@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clt_core.data.sampler import Normalizer
@@ -98,6 +99,17 @@ def save_checkpoint(
     tmp.rename(path)
 
 
+def read_tensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, or one line saying it is missing or damaged (safetensors never runs code from a file,
+    unlike a pickle, so a forged file can only fail to parse)."""
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise ConfigError(f"{file} is missing: the checkpoint is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ConfigError(f"{file} is not a valid safetensors file ({err}); the checkpoint is damaged") from None
+
+
 def write_model_extras(path: Path, normalizer: Normalizer | None, source: dict[str, Any] | None) -> None:
     """The files that make a model directory self-contained: its normalisation and its source."""
     if normalizer is not None:
@@ -109,7 +121,7 @@ def write_model_extras(path: Path, normalizer: Normalizer | None, source: dict[s
 def read_normalizer(path: str | Path) -> Normalizer | None:
     """The normalisation a model was trained behind (None: it saw raw activations)."""
     file = Path(path) / NORMALIZATION_FILE
-    return Normalizer.from_state_dict(load_file(str(file))) if file.exists() else None
+    return Normalizer.from_state_dict(read_tensors(file)) if file.exists() else None
 
 
 def read_source(path: str | Path) -> dict[str, Any]:
@@ -136,7 +148,7 @@ def load_model(
 
 
 def load_weights(path: Path, model: CrossLayerTranscoder) -> None:
-    full = load_file(str(path / "model.safetensors"))
+    full = read_tensors(path / "model.safetensors")
     params = dict(model.named_parameters())
     if set(full) != set(params):
         raise ConfigError(f"{path}: model.safetensors holds {sorted(full)}, the model has {sorted(params)}")
@@ -153,7 +165,7 @@ def load_weights(path: Path, model: CrossLayerTranscoder) -> None:
 def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore weights, optimiser moments and RNG; return the trainer state."""
     load_weights(path, model)
-    moments = load_file(str(path / "optimizer.safetensors"))
+    moments = read_tensors(path / "optimizer.safetensors")
     for name, param in model.named_parameters():
         if f"exp_avg.{name}" not in moments:
             continue
@@ -162,7 +174,7 @@ def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: torc
             "exp_avg": local_slice(model, name, moments[f"exp_avg.{name}"]).to(param.device).clone(),
             "exp_avg_sq": local_slice(model, name, moments[f"exp_avg_sq.{name}"]).to(param.device).clone(),
         }
-    rng = load_file(str(path / "rng.safetensors"))
+    rng = read_tensors(path / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])

@@ -227,3 +227,27 @@ def test_bf16_autocast_trains_close_to_float32(store: str, tmp_path: Path, activ
     a, b = step_losses(fp32.output_dir), step_losses(bf16.output_dir)
     assert all(abs(a[s] - b[s]) <= 0.02 * abs(a[s]) for s in a), (a, b)
     assert load_file(str(bf16.final / "model.safetensors"))["W_enc"].dtype == torch.float32
+
+
+def test_a_forged_or_truncated_checkpoint_is_refused_without_running_it(store: str, tmp_path: Path) -> None:
+    import pickle
+
+    result = train(config(store, tmp_path / "run", training_steps=10), progress=False)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    weights = result.final / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(CLTError, match="not a valid safetensors file"):
+        load_model(result.final)
+    assert not marker.exists()  # never unpickled
+    weights.write_bytes(original[: len(original) // 2])  # truncated
+    with pytest.raises(CLTError, match="damaged"):
+        load_model(result.final)
+    weights.unlink()
+    with pytest.raises(CLTError, match="missing"):
+        load_model(result.final)
