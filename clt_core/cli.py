@@ -233,25 +233,23 @@ def _models(args: argparse.Namespace) -> int:
     # The registry lives with the orchestration (flows/), which this command only reaches into.
     import os
 
-    import mlflow
-
     from clt_core.errors import ConfigError
-    from flows.registry import download_model, list_models
+    from flows.registry import download_model, list_models, tracking
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ConfigError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///demo-output/mlflow.db)")
-    mlflow.set_tracking_uri(uri)
-    if args.action == "list":
-        for row in list_models():
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(row["metrics"].items()) if k in ("mean_nmse",
-                                "total_l0", "ce_recovered"))  # fmt: skip
-            aliases = f" @{','.join(row['aliases'])}" if row["aliases"] else ""
-            print(f"{row['name']} v{row['version']}{aliases}: {metrics} ({row['reason']})")
-        return 0
-    if not args.reference or not args.out:
+    if args.action == "get" and (not args.reference or not args.out):
         raise ConfigError("usage: clt models get NAME@ALIAS|NAME/VERSION --out DIR")
-    print(f"circuit-tracer files of {args.reference} in {download_model(args.reference, args.out)}")
+    with tracking(uri):
+        if args.action == "list":
+            for row in list_models():
+                metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(row["metrics"].items()) if k in ("mean_nmse",
+                                    "total_l0", "ce_recovered"))  # fmt: skip
+                aliases = f" @{','.join(row['aliases'])}" if row["aliases"] else ""
+                print(f"{row['name']} v{row['version']}{aliases}: {metrics} ({row['reason']})")
+        else:
+            print(f"circuit-tracer files of {args.reference} in {download_model(args.reference, args.out)}")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from prefect import flow, get_run_logger, unmapped
 from prefect.filesystems import LocalFileSystem
 
-from flows import tasks
+from flows import registry, tasks
 from flows.config import PipelineConfig, fingerprint
 
 
@@ -60,9 +60,10 @@ def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None =
     def run(task: Any) -> Any:
         return task.with_options(**opts)
 
-    mlflow.set_tracking_uri(tracking_uri(config))
-    mlflow.set_experiment(config.registry.experiment)
-    with mlflow.start_run() as mlflow_run:
+    with (
+        registry.tracking(tracking_uri(config)),
+        mlflow.start_run(experiment_id=registry.experiment_id(config.registry.experiment)) as mlflow_run,
+    ):
         run_id = mlflow_run.info.run_id
         mlflow.log_params(flatten_params(config.model_dump(mode="json")))
         acts_url = f"{stores}/acts-{fingerprint(config.extract, config.extract_shards)}"

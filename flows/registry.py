@@ -8,12 +8,50 @@ version was or was not promoted. The pyfunc model is "models from code" (`flows/
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 CHAMPION = "champion"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
+
+
+@contextmanager
+def tracking(uri: str) -> Iterator[None]:
+    """Point MLflow at `uri` for the block, then restore the previous URI *and* `MLFLOW_TRACKING_URI`:
+    `mlflow.set_tracking_uri` also exports the variable, which would otherwise send every later pipeline run in this
+    process (a notebook, a test session) to this run's tracking store."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    previous, variable = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if variable is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = variable
+
+
+def experiment_id(name: str) -> str:
+    """The id of the experiment `name` in the current tracking store, created when missing (unlike
+    `mlflow.set_experiment`, this sets no process-wide active experiment)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    if (experiment := client.get_experiment_by_name(name)) is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # made meanwhile by a parallel run
+        return client.get_experiment_by_name(name).experiment_id
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,12 @@ def isolated_cache(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: 
         return None
     monkeypatch.setenv("CLT_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[None]:
+    """A real, temporary Prefect server and database for the flow tests of this session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

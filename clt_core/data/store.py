@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, NamedTuple
@@ -392,7 +393,14 @@ class ActivationStore:
                 value = np.asarray(getattr(stats, name), dtype=np.float64)
                 if value.shape != shape:
                     raise StoreError(f"norm stat {name} has shape {value.shape}, the store needs {shape}")
-                arr = group.create_array(name, shape=shape, dtype=np.float64, chunks=shape, overwrite=True)
+                # Written in place, never deleted and re-made: the shards that finish together all write these.
+                try:
+                    arr = group[name] if name in group else group.create_array(name, shape=shape, dtype=np.float64,
+                                                                                chunks=shape)  # fmt: skip
+                except ContainsArrayError:  # another process made it meanwhile
+                    arr = group[name]
+                if arr.shape != shape or arr.dtype != np.float64:
+                    arr = group.create_array(name, shape=shape, dtype=np.float64, chunks=shape, overwrite=True)
                 arr[...] = value
             group.attrs["count"] = int(stats.count)
 
@@ -442,6 +450,17 @@ def store_exists(url: str) -> bool:
         return False
 
 
+def _appears(url: str, wait_s: float = 5.0) -> bool:
+    """Whether a store shows up within `wait_s`: a parallel writer creating it has made its directory before its
+    zarr.json (the metadata is written to a temporary file, then renamed)."""
+    deadline = time.monotonic() + wait_s
+    while not store_exists(url):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def check_destination(url: str, overwrite: bool, *, exist_ok: bool = False) -> None:
     """Refuse to create a store where one exists (unless `overwrite` or `exist_ok`) or where other data lives
     (always: creating a store clears its location, and nothing that is not a store is ours to delete)."""
@@ -455,7 +474,7 @@ def check_destination(url: str, overwrite: bool, *, exist_ok: bool = False) -> N
     with storage_errors(loc.url, "check the destination"):
         fs = filesystem(loc)
         occupied = fs.exists(loc.path) and (not fs.isdir(loc.path) or bool(fs.ls(loc.path)))
-    if occupied and not (exist_ok and store_exists(url)):  # a store begun elsewhere meanwhile is not "other data"
+    if occupied and not (exist_ok and _appears(url)):  # a store begun elsewhere meanwhile is not "other data"
         raise StoreError(
             f"{loc.url} exists and is not an activation store; refusing to replace it: choose a new or empty location"
         )

@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,6 +43,11 @@ SOURCE_FILE = "clt_source.json"  # written last into a converted directory: its 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
 CaptureKind = Literal["input", "output"]
+
+# transformers' from_pretrained is not thread-safe: it swaps PreTrainedModel.tie_weights for a no-op while it builds a
+# model, so two loads that overlap in threads (parallel extraction shards in one Prefect worker) can restore the no-op
+# for good, and every later model with tied embeddings loads with its LM head missing. Loads here take turns.
+_LOAD_LOCK = threading.Lock()
 
 
 class ModelError(CLTError):
@@ -156,8 +162,9 @@ def _load_dir(
     if not weights:
         raise ModelError(f"model directory {directory} holds no weights (*.safetensors or *.bin)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load model from {directory}: {_first_line(err)}") from err
     if weights_hash is None:
@@ -181,10 +188,11 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     try:
         # dequantize=True: transformers 5.23 otherwise keeps some architectures' weights packed in GGUF blocks
         # (GgufLinear modules computing through the `kernels` package) whenever that package is installed.
-        model = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
-        )
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _LOAD_LOCK:
+            model = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+            )
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelError(f"cannot load GGUF {path}: {_first_line(err)}") from err
     # The weights are dequantised: drop the quantizer so the model saves, casts and moves like a plain one.
@@ -242,6 +250,9 @@ def _finish(
     device: str | torch.device,
     revision: str | None = None,
 ) -> LoadedModel:
+    missing = [name for name, p in model.named_parameters() if p.is_meta]
+    if missing:  # never move on with weights that hold no data (see _LOAD_LOCK)
+        raise ModelError(f"{path}: weights not loaded (left on the meta device): {', '.join(missing[:5])}")
     model.eval()
     model.requires_grad_(False)
     model.to(device)

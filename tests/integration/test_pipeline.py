@@ -3,76 +3,17 @@ second run is fully cached, a changed training setting re-runs training and what
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
+from pipelines import STAGES, pipeline_config, run_pipeline, summary_artifact
 
-from flows.config import PipelineConfig
-from flows.pipeline import clt_pipeline, tracking_uri
-
-STAGES = ["extract-shard", "norm-stats", "scramble", "train", "convert", "evaluate", "export", "register"]
+from flows.pipeline import tracking_uri
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=90):
-        yield
-
-
-def pipeline_config(model: Path, work: Path, **train: object) -> PipelineConfig:
-    return PipelineConfig.from_dict({
-        "work_dir": str(work),
-        "extract": {"model": str(model), "text": {"source": "packaged:kjv", "max_documents": 200}, "tokens": 4096,
-                    "context_size": 64, "batch_size": 8, "compute_dtype": "float32", "chunk_rows": 128},
-        "extract_shards": 2,
-        "train": {"model": {"num_features": 64, "activation_fn": "batchtopk", "k": 4},
-                  "sampler": {"batch_size": 256, "holdout_fraction": 0.25}, "training_steps": 20, "log_interval": 10,
-                  "eval_interval": 20, "checkpoint_interval": 10, "eval_rows": 512, **train},
-        "convert": {"batches": 2},
-        "evaluate": {"max_rows": 512, "tokens": 128, "text": "packaged:kjv", "text_batch_size": 4},
-    })  # fmt: skip
-
-
-def task_states(flow_run_id) -> dict[str, list[str]]:
-    """Task name (without its run suffix) -> the state names of its runs in that flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    async def read() -> list:
-        async with get_client() as client:
-            return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-    states: dict[str, list[str]] = {}
-    for run in asyncio.run(read()):
-        states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
-    return states
-
-
-def summary_artifact() -> str:
-    """The newest `clt-pipeline-summary` markdown artifact."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
-    async def read() -> list:
-        async with get_client() as client:
-            return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["clt-pipeline-summary"]))
-            )
-
-    return asyncio.run(read())[-1].data
-
-
-def run_pipeline(config: PipelineConfig) -> tuple[dict, dict[str, list[str]]]:
-    state = clt_pipeline(config, return_state=True)
-    assert state.is_completed(), state.message
-    return state.result(), task_states(state.state_details.flow_run_id)
-
-
-def test_stages_run_then_cache_then_rerun_from_training(harness, tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+def test_stages_run_then_cache_then_rerun_from_training(
+    prefect_harness, tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
     config = pipeline_config(tiny_dirs["llama"], tmp_path / "work")
     first, states = run_pipeline(config)
     assert sorted(states) == sorted(STAGES)

@@ -54,6 +54,25 @@ def test_tiny_models_load_by_path(tiny_dirs: dict[str, Path], kind: str, layers:
     assert lm.model(torch.tensor([ids])).logits.shape == (1, len(ids), lm.tokenizer.vocab_size)
 
 
+def test_loads_in_parallel_threads_keep_tied_weights(tiny_dirs: dict[str, Path]) -> None:
+    """from_pretrained swaps PreTrainedModel.tie_weights for a no-op while it builds a model; overlapping loads in
+    threads (parallel shards in one Prefect worker) once left the no-op in place, and every later tied model loaded
+    with its LM head on the meta device."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel.tie_weights
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            loaded = list(pool.map(lambda _: resolve_model(str(tiny_dirs["gpt2"])), range(16)))
+        assert PreTrainedModel.tie_weights is original
+    finally:
+        PreTrainedModel.tie_weights = original  # never leave the rest of the session broken
+    later = resolve_model(str(tiny_dirs["gpt2"]))
+    assert all(m.model.lm_head.weight is m.model.transformer.wte.weight for m in [*loaded, later])
+
+
 def test_dtype_is_applied(tiny_dirs: dict[str, Path]) -> None:
     lm = resolve_model(str(tiny_dirs["llama"]), dtype=torch.bfloat16)
     assert lm.model.dtype == torch.bfloat16

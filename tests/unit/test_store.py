@@ -560,3 +560,23 @@ def test_require_group_tolerates_a_group_made_meanwhile_by_another_process(tmp_p
             return root[name]
 
     assert require_group(RacedParent(), "norm_stats").path == "norm_stats"
+
+
+def test_norm_stats_written_by_many_finishers_at_once_never_fail(tmp_path: Path) -> None:
+    """Shards that finish together all write the same norm stats: writes race, none may fail (the arrays were once
+    deleted and re-made by each writer, so another writer's chunk rename found no directory)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clt_core.data.norm_stats import NormStats
+
+    url = str(tmp_path / "s")
+    ActivationStore.create(url, num_layers=3, d_model=8, dtype="float32", rows_per_chunk=4)
+    stats = NormStats(10, *(np.full((3, 8), float(i + 1)) for i in range(4)))
+
+    def write(_: int) -> None:
+        ActivationStore.open(url, mode="a").write_norm_stats(stats)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(200)))  # raises the first writer's error, if any
+    got = ActivationStore.open(url).read_norm_stats()
+    assert got.count == 10 and all(np.array_equal(getattr(got, n), getattr(stats, n)) for n in NormStats.ARRAYS)
