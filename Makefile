@@ -13,7 +13,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-all lint format bench clean circuit-tracer-venv check-circuit-tracer stack-up stack-down
+.PHONY: install demo test test-all lint format audit bench clean circuit-tracer-venv check-circuit-tracer stack-up stack-down
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -74,5 +74,13 @@ stack-up: install
 stack-down:
 	$(BIN)/python -m infra.stack.native down --dir .stack
 
+# pip-audit, in a venv of its own, over the exact versions installed in $(VENV) (PyPI's advisory data by default;
+# AUDIT_ARGS="--vulnerability-service osv" for OSV). Exits non-zero on a known vulnerability.
+AUDIT_VENV := .venv-audit
+audit: install
+	test -x $(AUDIT_VENV)/bin/pip-audit || ($(PYTHON) -m venv $(AUDIT_VENV) && $(AUDIT_VENV)/bin/pip install -q pip-audit==2.10.1)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v ' @ ' > $(AUDIT_VENV)/requirements.txt
+	$(AUDIT_VENV)/bin/pip-audit -r $(AUDIT_VENV)/requirements.txt --no-deps --disable-pip --desc on $(AUDIT_ARGS)
+
 clean:
-	rm -rf $(VENV) $(CT_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CT_VENV) $(AUDIT_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -10,11 +10,31 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 from clt_core.config import add_config_arguments, config_from_args
 from clt_core.errors import CLTError
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse reporting a usage error in one line, like every other error of the command (status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of a count or size given on the command line: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -239,6 +259,9 @@ def _models(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise ConfigError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///demo-output/mlflow.db)")
+    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if database is not None and not Path(database).is_file():  # MLflow would create an empty registry there
+        raise ConfigError(f"no MLflow database at {database} (tracking URI {uri}); check --tracking-uri")
     if args.action == "get" and (not args.reference or not args.out):
         raise ConfigError("usage: clt models get NAME@ALIAS|NAME/VERSION --out DIR")
     with tracking(uri):
@@ -263,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     from clt_core.model.config import CLTConfig
     from clt_core.train.config import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="clt", description="Cross-Layer Transcoder pipeline.")
+    parser = _Parser(prog="clt", description="Cross-Layer Transcoder pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
@@ -287,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("norm-stats", _norm_stats, "Compute per-layer mean/std of inputs and targets into the store.")
     p.add_argument("url")
-    p.add_argument("--workers", type=int, default=2, help="parallel readers (default: 2)")
+    p.add_argument("--workers", type=_positive_int, default=2, help="parallel readers (default: 2)")
 
     p = command("scramble", _scramble, "Globally shuffle a store's rows into a new store, out of core.")
     p.add_argument("src", help="source store URL")
@@ -299,7 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("import-hdf5", _import_hdf5, "Import a seed-library HDF5 activation directory into a store.")
     p.add_argument("src", help="directory with index.bin, metadata.json and chunk_*.h5/hdf5")
     p.add_argument("dst", help="destination store URL")
-    p.add_argument("--rows-per-chunk", type=int, default=None, help="rows per store chunk (default: about 4 MiB)")
+    p.add_argument(
+        "--rows-per-chunk", type=_positive_int, default=None, help="rows per store chunk (default: about 4 MiB)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination store")
 
     p = command("export-hdf5", _export_hdf5, "Export a store to the seed library's HDF5 layout.")
@@ -310,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("sample", _sample, "Draw training batches from a store and report throughput.")
     p.add_argument("url")
     p.add_argument("--config", help="YAML file with sampler settings; flags override it")
-    p.add_argument("--batches", type=int, default=20, help="batches to draw (default: 20)")
+    p.add_argument("--batches", type=_positive_int, default=20, help="batches to draw (default: 20)")
     add_config_arguments(p, SamplerConfig)
 
     p = command("extract", _extract, "Extract MLP inputs and outputs of a causal LM into a store (resumable).")
@@ -329,7 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with training settings (sections `model:` and `sampler:`)")
     p.add_argument("--data", help="store URL to train on")
     p.add_argument("--out", help="output directory for checkpoints, metrics and the final model")
-    p.add_argument("--nproc", type=int, default=1, help="feature shards: processes started with torchrun (default 1)")
+    p.add_argument(
+        "--nproc", type=_positive_int, default=1, help="feature shards: processes started with torchrun (default 1)"
+    )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     add_config_arguments(p, TrainConfig, skip={"model", "sampler", "betas", "data", "output_dir"})
     add_config_arguments(p, CLTConfig, skip={"num_layers", "d_model", "seed"}, section="model")

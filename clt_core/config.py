@@ -25,9 +25,21 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{where}'")
+        elif e["type"] == "value_error":  # a model validator's own message: already names the values
+            message = str(e["msg"]).removeprefix("Value error, ")
+            lines.append(f"{source}: {message}" if where == "<root>" else f"{source}: {where}: {message}")
         else:
             lines.append(f"{source}: {where}: {e['msg']} (got {e.get('input')!r})")
     return "; ".join(lines)
+
+
+def describe_yaml_error(err: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: `line L, column C: problem (context)` (PyYAML's own text spans lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context = getattr(err, "context", None)
+    return f"{where}{problem}" + (f" ({context})" if context else "")
 
 
 class Config(BaseModel):
@@ -49,8 +61,10 @@ class Config(BaseModel):
             data = yaml.safe_load(path.read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as err:  # a directory, unreadable, not text
+            raise ConfigError(f"{path}: cannot read the config file ({err}); give a YAML text file") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {describe_yaml_error(err)}; fix the file's syntax") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
         return cls.from_dict(data, source=str(path))

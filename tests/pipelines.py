@@ -40,21 +40,27 @@ def task_states(flow_run_id) -> dict[str, list[str]]:
     return states
 
 
-def summary_artifact() -> str:
-    """The newest `clt-pipeline-summary` markdown artifact."""
+def summary_artifact(flow_run_id) -> str:
+    """The `clt-pipeline-summary` markdown artifact of that flow run."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     async def read() -> list:
         async with get_client() as client:
             return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["clt-pipeline-summary"]))
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=["clt-pipeline-summary"]),
+                    flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                )
             )
 
-    return asyncio.run(read())[-1].data
+    (artifact,) = asyncio.run(read())
+    return artifact.data
 
 
-def run_pipeline(config: PipelineConfig) -> tuple[dict, dict[str, list[str]]]:
+def run_pipeline(config: PipelineConfig) -> tuple[dict, dict[str, list[str]], str]:
+    """Run the flow; its result, its task states and its flow run id."""
     state = clt_pipeline(config, return_state=True)
     assert state.is_completed(), state.message
-    return state.result(), task_states(state.state_details.flow_run_id)
+    flow_run_id = state.state_details.flow_run_id
+    return state.result(), task_states(flow_run_id), flow_run_id

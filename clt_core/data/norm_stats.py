@@ -2,7 +2,9 @@
 
 `RunningMoments` keeps (count, mean, M2) and merges with Chan et al.'s parallel update, so partial results from
 several workers (or several batches) combine to what one pass over all rows would give, up to float64 rounding.
-Standard deviations are population std (ddof=0), floored at `eps` when used for normalisation.
+Standard deviations are population std (ddof=0), floored at `eps` when used for normalisation. Rows holding NaN or Inf
+are left out (and not counted): one such row would otherwise make its columns' statistics, and so every normalised
+row, NaN.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class RunningMoments:
         self.count, self.mean, self.m2 = merged.count, merged.mean, merged.m2
 
     @property
+    def finite(self) -> bool:
+        """Whether mean and M2 are finite: float64 sums of float32-range values cannot overflow, so they are exactly
+        when every row was."""
+        return bool(np.isfinite(self.mean).all() and np.isfinite(self.m2).all())
+
+    @property
     def std(self) -> np.ndarray:
         if self.count == 0:
             return np.zeros_like(self.mean)
@@ -101,8 +109,14 @@ class NormStatsAccumulator:
         return out
 
     def update(self, inputs: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> None:
-        self.inputs.update(inputs)
-        self.targets.update(targets)
+        """Add a block of rows; rows holding NaN/Inf in their inputs or targets are left out of both."""
+        x, y = torch.as_tensor(inputs), torch.as_tensor(targets)
+        moments_x, moments_y = RunningMoments.of(x), RunningMoments.of(y)
+        if not (moments_x.finite and moments_y.finite):  # the rare case pays for finding the rows
+            keep = torch.isfinite(x).reshape(len(x), -1).all(dim=1) & torch.isfinite(y).reshape(len(y), -1).all(dim=1)
+            moments_x, moments_y = RunningMoments.of(x[keep]), RunningMoments.of(y[keep])
+        self.inputs = self.inputs.merge(moments_x)
+        self.targets = self.targets.merge(moments_y)
 
     def merge(self, other: NormStatsAccumulator) -> NormStatsAccumulator:
         return NormStatsAccumulator.of_moments(self.inputs.merge(other.inputs), self.targets.merge(other.targets))

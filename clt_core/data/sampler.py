@@ -9,6 +9,10 @@ the stream position. Resuming re-derives everything else from the seed.
 
 A background thread reads, shuffles, converts and normalises the next windows while the caller trains on the
 current one. The held-out chunks are never in the stream; `holdout_batches` reads them in order for evaluation.
+
+Rows holding NaN or Inf are found as chunks are read: by default (`nonfinite: error`) they stop the sampler with the
+store and the first bad rows named; with `nonfinite: skip` they are left out of their window. The state then also
+records how many rows each chunk lost, so a resumed stream still finds its place without re-reading anything.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ class SamplerConfig(Config):
     """Windows prepared ahead by the background thread."""
     read_workers: int = Field(8, ge=1)
     """Chunks of a window read concurrently."""
+    nonfinite: Literal["error", "skip"] = "error"
+    """Rows holding NaN or Inf: `error` stops with the store and the first bad rows named (`clt verify` lists them
+    all); `skip` leaves them out of the batches and of the held-out evaluation."""
 
 
 def split_chunks(num_chunks: int, holdout_fraction: float) -> tuple[range, range]:
@@ -134,11 +141,45 @@ def make_normalizer(store: ActivationStore, method: str) -> Normalizer | None:
                 f"`clt norm-stats {store.url}` first"
             )
         return None
+    if not all(np.isfinite(getattr(stats, name)).all() for name in NormStats.ARRAYS):
+        # Every row would be normalised to NaN: training would silently learn nothing.
+        raise StoreError(
+            f"{store.url}: its norm stats hold NaN/Inf (computed over rows holding NaN/Inf by an older version); "
+            f"recompute them with `clt norm-stats {store.url}`, which leaves such rows out"
+        )
     return Normalizer.from_stats(stats)
+
+
+def nonfinite_rows(rows: ActivationRows) -> torch.Tensor:
+    """Per row: whether its inputs or targets hold a NaN or an Inf (`[n]` bool)."""
+    n = len(rows.token_ids)
+    finite = torch.isfinite(rows.inputs).reshape(n, -1).all(dim=1) & torch.isfinite(rows.targets).reshape(n, -1).all(
+        dim=1
+    )
+    return ~finite
+
+
+def nonfinite_error(store: ActivationStore, bad: list[int], lo: int, hi: int) -> StoreError:
+    """The error for rows `bad` (absolute indices, among rows [lo, hi)) holding NaN/Inf."""
+    shown = ", ".join(map(str, bad[:5])) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return StoreError(
+        f"{store.url}: row(s) {shown} hold NaN/Inf (found reading rows {lo}..{hi - 1}); `clt verify {store.url}` "
+        "lists every such row; set sampler.nonfinite: skip (--nonfinite skip) to train without them"
+    )
 
 
 def output_dtype(store: ActivationStore, config: SamplerConfig) -> torch.dtype:
     return store.torch_dtype if config.dtype == "store" else OUTPUT_DTYPES[config.dtype]
+
+
+def _finite_only(store: ActivationStore, rows: ActivationRows, lo: int, policy: str) -> ActivationRows:
+    """Rows [lo, lo + n) without those holding NaN/Inf (`skip`), or an error naming them (`error`)."""
+    bad = nonfinite_rows(rows)
+    if not bad.any():
+        return rows
+    if policy == "error":
+        raise nonfinite_error(store, (bad.nonzero().flatten() + lo).tolist(), lo, lo + len(bad))
+    return ActivationRows(*(t[~bad] for t in rows))
 
 
 def _prepare(rows: ActivationRows, normalizer: Normalizer | None, dtype: torch.dtype) -> ActivationRows:
@@ -170,6 +211,8 @@ class ActivationSampler:
         if len(self.train_chunks) == 0:
             raise StoreError(f"{store.url}: no committed rows to sample from")
         windows_per_epoch = math.ceil(len(self.train_chunks) / config.buffer_chunks)
+        # More windows than this in a row without a single finite row means a whole epoch had none.
+        self._max_empty_windows = 2 * math.ceil(windows_per_epoch / world_size) + 1
         if windows_per_epoch < world_size:
             raise StoreError(
                 f"{store.url}: {len(self.train_chunks)} training chunks make {windows_per_epoch} windows of "
@@ -184,6 +227,8 @@ class ActivationSampler:
         self._current: ActivationRows | None = None
         self._offset = 0
         self._pool = ThreadPoolExecutor(config.read_workers, thread_name_prefix="clt-sampler-read")
+        self._skipped: dict[int, int] = {}  # chunk -> rows left out for NaN/Inf (`nonfinite: skip`)
+        self._skipped_lock = threading.Lock()
 
     # ------------------------------------------------------------ the stream
     def _epoch_windows(self, epoch: int) -> list[_Window]:
@@ -200,15 +245,20 @@ class ActivationSampler:
             windows.append(_Window(epoch, index, group, rows))
         return windows
 
+    def _stream_rows(self, window: _Window) -> int:
+        """Rows a window adds to the stream: its rows less those skipped for NaN/Inf (known once it was read)."""
+        return window.rows - sum(self._skipped.get(chunk, 0) for chunk in window.chunks)
+
     def _locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, window number within this rank's epoch, row offset) of a stream position."""
         epoch = 0
         while True:
             windows = self._epoch_windows(epoch)
             for number, window in enumerate(windows):
-                if position < window.rows:
+                rows = self._stream_rows(window)
+                if position < rows:
                     return epoch, number, position
-                position -= window.rows
+                position -= rows
             epoch += 1
 
     def _windows_from(self, epoch: int, number: int) -> Iterator[_Window]:
@@ -217,9 +267,10 @@ class ActivationSampler:
             yield from self._epoch_windows(epoch)[number:]
             epoch, number = epoch + 1, 0
 
-    def _start_reads(self, window: _Window) -> tuple[ActivationRows, list[Future]]:
+    def _start_reads(self, window: _Window) -> tuple[ActivationRows, torch.Tensor, list[Future]]:
         """Allocate the window and let reader threads fill it: each reads a chunk, normalises and converts it, and
-        copies its rows to their permuted positions (disjoint per chunk), so all of it runs in parallel."""
+        copies its rows to their permuted positions (disjoint per chunk), so all of it runs in parallel. The mask
+        returned marks the positions to keep (False: a row holding NaN/Inf, skipped)."""
         store = self.store
         dest = torch.from_numpy(
             np.random.default_rng([self.config.seed, window.epoch, window.index]).permutation(window.rows)
@@ -230,28 +281,46 @@ class ActivationSampler:
             torch.empty(shape, dtype=self.dtype),
             torch.empty(window.rows, dtype=torch.int32),
         )
+        keep = torch.ones(window.rows, dtype=torch.bool)
         reads, offset = [], 0
         for chunk in window.chunks:
             lo, hi = store.chunk_rows(chunk)
-            reads.append(self._pool.submit(self._fill, rows, dest[offset : offset + hi - lo], lo, hi))
+            reads.append(self._pool.submit(self._fill, rows, keep, dest[offset : offset + hi - lo], lo, hi))
             offset += hi - lo
-        return rows, reads
+        return rows, keep, reads
 
-    def _fill(self, window: ActivationRows, positions: torch.Tensor, lo: int, hi: int) -> None:
-        chunk = _prepare(self.store.read(lo, hi), self.normalizer, self.dtype)
+    def _fill(self, window: ActivationRows, keep: torch.Tensor, positions: torch.Tensor, lo: int, hi: int) -> None:
+        raw = self.store.read(lo, hi)
+        bad = nonfinite_rows(raw)
+        if bad.any():
+            if self.config.nonfinite == "error":
+                raise nonfinite_error(self.store, (bad.nonzero().flatten() + lo).tolist(), lo, hi)
+            keep[positions[bad]] = False
+            with self._skipped_lock:
+                self._skipped[lo // self.store.rows_per_chunk] = int(bad.sum())
+        chunk = _prepare(raw, self.normalizer, self.dtype)
         for out, part in zip(window, chunk, strict=True):
             out.index_copy_(0, positions, part)
 
     def _produce(self, epoch: int, number: int) -> None:
         """Background loop: the next window's chunks are read while the current one is assembled."""
         try:
-            pending: tuple[ActivationRows, list[Future]] | None = None
+            pending: tuple[ActivationRows, torch.Tensor, list[Future]] | None = None
+            empty = 0  # windows in a row left with no row at all
             for window in self._windows_from(epoch, number):
                 started = self._start_reads(window)
                 if pending is not None:
-                    item, reads = pending
+                    item, keep, reads = pending
                     for read in reads:
                         read.result()
+                    if not keep.all():
+                        item = ActivationRows(*(t[keep] for t in item))
+                    empty = 0 if len(item.token_ids) else empty + 1
+                    if empty > self._max_empty_windows:
+                        raise StoreError(
+                            f"{self.store.url}: a whole epoch of training rows holds NaN/Inf; nothing left to train "
+                            f"on (`clt verify {self.store.url}` lists the rows)"
+                        )
                     while not self._stop.is_set():
                         try:
                             self._queue.put(item, timeout=0.1)
@@ -277,13 +346,18 @@ class ActivationSampler:
     def __iter__(self) -> Iterator[ActivationRows]:
         return self
 
-    def __next__(self) -> ActivationRows:
+    def start(self) -> None:
+        """Start the background reads and wait for the first window, so that its errors (unreadable chunks, rows
+        holding NaN/Inf) surface now; `next` does this itself when needed."""
         if self._thread is None:
             epoch, number, offset = self._locate(self.position)
             self._stop.clear()
             self._thread = threading.Thread(target=self._produce, args=(epoch, number), daemon=True)
             self._thread.start()
             self._current, self._offset = self._next_window(), offset
+
+    def __next__(self) -> ActivationRows:
+        self.start()
         pieces: list[ActivationRows] = []
         need = self.config.batch_size
         while need:
@@ -321,6 +395,7 @@ class ActivationSampler:
             "num_rows": self.store.num_rows,
             "rank": self.rank,
             "world_size": self.world_size,
+            **({"nonfinite_skipped": {str(c): n for c, n in sorted(self._skipped.items())}} if self._skipped else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -344,6 +419,7 @@ class ActivationSampler:
             raise StoreError("sampler state's position is not a whole number of batches of the new batch_size")
         self.close()
         self.position = int(state["position"])
+        self._skipped = {int(c): int(n) for c, n in state.get("nonfinite_skipped", {}).items()}
 
     def close(self) -> None:
         """Stop the background thread (the sampler can be iterated again afterwards)."""
@@ -378,10 +454,11 @@ def holdout_batches(
     budget = max_rows if max_rows is not None else store.num_rows
     buffer: list[ActivationRows] = []
     buffered = 0
-    for chunk in store.iter_chunks(held.start, held.stop):
+    for index, chunk in enumerate(store.iter_chunks(held.start, held.stop), start=held.start):
         if budget <= 0:
             break
         chunk = ActivationRows(*(t[:budget] for t in chunk))
+        chunk = _finite_only(store, chunk, index * store.rows_per_chunk, config.nonfinite)
         budget -= len(chunk.token_ids)
         buffer.append(chunk)
         buffered += len(chunk.token_ids)

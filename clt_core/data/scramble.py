@@ -43,6 +43,7 @@ from pydantic import ByteSize, Field
 from tqdm import tqdm
 
 from clt_core.config import Config
+from clt_core.data.lease import StoreLease
 from clt_core.data.storage import StoreLocation, filesystem, parse_url
 from clt_core.errors import StoreError
 
@@ -287,7 +288,7 @@ def scramble_store(
     `parent=src_url` and `seed=config.seed`. `scrambled` is set last, so an interrupted run never looks finished;
     a failed run removes the partial destination and always removes its temp files.
     """
-    from clt_core.data.store import DTYPES, ActivationStore, StoreWriter, check_destination
+    from clt_core.data.store import DTYPES, ActivationStore, check_destination
 
     t0 = time.perf_counter()
     src_loc, dst_loc = parse_url(src_url), parse_url(dst_url)
@@ -306,7 +307,25 @@ def scramble_store(
         remote_dst=not dst_loc.is_local,
     )
     rec_dt = record_dtype(src.num_layers, src.d_model, storage_np)
-    check_destination(dst_loc.url, overwrite)  # before any expensive work
+    with StoreLease(dst_loc.url, "scramble", what=f"a scramble of {src_loc.url}"):  # one writer of the destination
+        check_destination(dst_loc.url, overwrite)  # before any expensive work
+        return _scramble(src, dst_loc, config, plan, dst_rows_per_chunk, rec_dt, overwrite, progress, t0)
+
+
+def _scramble(
+    src: ActivationStore,
+    dst_loc: StoreLocation,
+    config: ScrambleConfig,
+    plan: ScramblePlan,
+    dst_rows_per_chunk: int,
+    rec_dt: np.dtype,
+    overwrite: bool,
+    progress: bool,
+    t0: float,
+) -> ScrambleSummary:
+    from clt_core.data.store import DTYPES, ActivationStore, StoreWriter
+
+    src_loc, n, storage_np = parse_url(src.url), src.num_rows, DTYPES[src.dtype][0]
     tmp_root = _make_tmp_dir(config.tmp_dir, need=n * rec_dt.itemsize)
 
     created = False

@@ -11,7 +11,8 @@ What is checked, and how severe a finding is:
 - warnings (reported, but the store is usable): no norm stats yet — they are a separate pipeline step
   (`clt norm-stats`) and a store straight out of extraction legitimately lacks them, so their absence must not fail
   a check run between the two steps; norm stats computed over a different number of rows than are committed (stale
-  after an append); chunk objects past `rows_committed` and leftover `*.partial` files (an interrupted writer: the
+  after an append; rows holding NaN/Inf, which norm stats leave out, are not held against them when the scan counted
+  them); chunk objects past `rows_committed` and leftover `*.partial` files (an interrupted writer: the
   next append overwrites them).
 
 The scan reads every committed chunk of the three arrays with a bounded window of parallel reads, so a remote store
@@ -79,6 +80,8 @@ class VerifyReport:
     """The first few row indices holding NaN/Inf."""
     geometry: str = ""
     seconds: float = 0.0
+    norm_stats_rows: int | None = None
+    """The rows the norm stats cover (None: there are none)."""
 
     @property
     def ok(self) -> bool:
@@ -142,6 +145,7 @@ def verify_store(url: str, *, scan: bool = True, progress: bool = True, workers:
             report.problems.append(f"{check.__name__.removeprefix('_check_').replace('_', ' ')}: {_short(err)}")
     if scan:
         _scan(store, report, progress=progress, workers=workers)
+    _check_norm_stats_rows(store, report)
     return _done(report, t0)
 
 
@@ -190,11 +194,18 @@ def _check_norm_stats(store: ActivationStore, report: VerifyReport) -> None:
             report.problems.append(f"norm stat {name} holds {int((~np.isfinite(value)).sum())} NaN/Inf values")
         elif name.endswith("_std") and (value < 0).any():
             report.problems.append(f"norm stat {name} has negative values")
-    if stats.count != store.num_rows:
-        report.warnings.append(
-            f"norm stats cover {stats.count:,} rows but {store.num_rows:,} are committed; recompute them with "
-            f"`clt norm-stats {store.url}`"
-        )
+    report.norm_stats_rows = stats.count
+
+
+def _check_norm_stats_rows(store: ActivationStore, report: VerifyReport) -> None:
+    """Stale norm stats: they cover other rows than the committed ones, less those holding NaN/Inf (left out)."""
+    count = report.norm_stats_rows
+    if count is None or count in (store.num_rows, store.num_rows - report.nonfinite_rows):
+        return
+    report.warnings.append(
+        f"norm stats cover {count:,} rows but {store.num_rows:,} are committed; recompute them with "
+        f"`clt norm-stats {store.url}`"
+    )
 
 
 def _check_chunk_objects(store: ActivationStore, report: VerifyReport) -> None:

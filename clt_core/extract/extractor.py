@@ -20,6 +20,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from clt_core.config import Config
+from clt_core.data.lease import StoreLease
 from clt_core.data.norm_stats import NormStatsAccumulator
 from clt_core.data.shards import (
     Shard,
@@ -200,10 +201,12 @@ def extract(
     if sharded and overwrite:
         raise ConfigError("--overwrite with --shard would delete the other shards' rows; delete the store first")
     device = resolve_device(config.device)
-    loaded = resolve_model(config.model, dtype=COMPUTE_DTYPES[config.compute_dtype], device=device)
+    dtype = COMPUTE_DTYPES[config.compute_dtype]
+    loaded = resolve_model(config.model, dtype=dtype, device=device, progress=progress)
     if loaded.max_context is not None and config.context_size > loaded.max_context:
         raise ConfigError(
-            f"context_size {config.context_size} is larger than {loaded.name}'s maximum of {loaded.max_context}"
+            f"context_size {config.context_size} is larger than {loaded.name}'s maximum of {loaded.max_context}; "
+            f"lower --context-size"
         )
     points = capture_points(loaded.model, config.input_template, config.output_template)
     text = config.text
@@ -217,7 +220,26 @@ def extract(
             f"--tokens {config.tokens:,} is more than the corpus {text.source!r} holds at context size "
             f"{config.context_size}: {available.rows:,} rows; lower --tokens or add text"
         )
-    store = _open_or_create(url, config, loaded, provenance, overwrite, sharded)
+    what = f"extract {shard.index}/{shard.count}" if sharded else "extract"
+    with StoreLease(url, f"extract-{shard.name}" if sharded else "extract", what=what) as lease:
+        store = _open_or_create(url, config, loaded, provenance, overwrite, sharded)
+        return _extract_rows(store, config, loaded, text, points, shard, lease, start_time, device, progress)
+
+
+def _extract_rows(
+    store: ActivationStore,
+    config: ExtractConfig,
+    loaded: LoadedModel,
+    text: TextConfig,
+    points: CapturePoints,
+    shard: Shard,
+    lease: StoreLease,
+    start_time: float,
+    device: torch.device,
+    progress: bool,
+) -> ExtractSummary:
+    """Write this run's rows (all of them, or the shard's range), from where an earlier run stopped."""
+    sharded = shard.count > 1
     rows = store.rows_per_chunk
     if sharded:
         start, stop = shard.rows(config.tokens, rows)
@@ -250,6 +272,7 @@ def extract(
     loop_start = time.perf_counter()
     try:
         for batch in batched_windows(windows, config.batch_size):
+            lease.check()
             ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(device)
             keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(device)
             inputs, targets = capture(ids)

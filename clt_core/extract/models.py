@@ -103,12 +103,28 @@ def require_transformers_5() -> None:
         )
 
 
-def resolve_model(spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> LoadedModel:
+def resolve_model(
+    spec: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", progress: bool = True
+) -> LoadedModel:
     """Load `spec`: a known alias, a local model directory, a `.gguf` file, or a Hugging Face hub id (in that order).
 
-    Any failure a user can fix is a one-line `ModelError`.
+    Any failure a user can fix is a one-line `ModelError`. `progress=False` silences transformers' loading bars.
     """
     require_transformers_5()
+    if progress:
+        return _resolve(spec, dtype=dtype, device=device)
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a process-wide switch, restored below
+    try:
+        return _resolve(spec, dtype=dtype, device=device)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _resolve(spec: str, *, dtype: torch.dtype, device: str | torch.device) -> LoadedModel:
     spec = str(spec).strip()
     if spec.lower() in ALIASES:
         name = spec.lower()
@@ -156,6 +172,7 @@ def _load_dir(
     device: str | torch.device,
     revision: str | None = None,
 ) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     weights = weight_files(directory)
@@ -165,6 +182,11 @@ def _load_dir(
         with _LOAD_LOCK:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(directory)
+    except SafetensorError as err:  # a truncated or overwritten weights file
+        raise ModelError(
+            f"cannot load model from {directory}: a weights file is truncated or corrupt ({_first_line(err)}); "
+            "download or save the model again"
+        ) from None
     except (OSError, ValueError, KeyError) as err:
         raise ModelError(f"cannot load model from {directory}: {_first_line(err)}") from err
     if weights_hash is None:

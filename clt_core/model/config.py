@@ -7,7 +7,6 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clt_core.config import Config
-from clt_core.errors import ConfigError
 
 Activation = Literal["jumprelu", "relu", "batchtopk", "topk"]
 
@@ -38,11 +37,16 @@ class CLTConfig(Config):
 
     @model_validator(mode="after")
     def _check(self) -> CLTConfig:
+        # ValueError, not ConfigError: pydantic then reports it together with every other problem of the file.
         if self.activation_fn not in ("batchtopk", "topk"):
             return self
         if self.topk_scope == "per_layer" and self.k > self.num_features:
-            raise ConfigError(f"k={self.k:g} is more than the {self.num_features} features of a layer")
+            raise ValueError(
+                f"k={self.k:g} is more than the {self.num_features} features of a layer; lower k or raise num_features"
+            )
         if self.num_layers is not None and self.k > self.num_features * self.num_layers:
             limit = self.num_features * self.num_layers
-            raise ConfigError(f"k={self.k:g} is more than the {limit} features of all layers together")
+            raise ValueError(
+                f"k={self.k:g} is more than the {limit} features of all layers together; lower k or raise num_features"
+            )
         return self

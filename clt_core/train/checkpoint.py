@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from clt_core.config import format_validation_error
 from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
@@ -131,10 +133,22 @@ def read_source(path: str | Path) -> dict[str, Any]:
 
 
 def read_config(path: Path) -> CLTConfig:
+    """A checkpoint's CLTConfig; one line when it is missing, not JSON, or of another architecture."""
+    file = Path(path) / "config.json"
     try:
-        return CLTConfig.model_validate_json((Path(path) / "config.json").read_text())
+        return CLTConfig.model_validate_json(file.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not a checkpoint (no config.json)") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{file}: cannot be read ({err}); the checkpoint is damaged") from None
+    except ValidationError as err:
+        errors = err.errors()
+        if errors[0]["type"] == "json_invalid":
+            raise ConfigError(f"{file}: not valid JSON ({errors[0]['msg']}); the checkpoint is damaged") from None
+        raise ConfigError(
+            f"{path}: not a checkpoint of this clt-pipeline's architecture "
+            f"({format_validation_error(err, 'config.json')})"
+        ) from None
 
 
 def load_model(
@@ -152,14 +166,18 @@ def load_weights(path: Path, model: CrossLayerTranscoder) -> None:
     params = dict(model.named_parameters())
     if set(full) != set(params):
         raise ConfigError(f"{path}: model.safetensors holds {sorted(full)}, the model has {sorted(params)}")
+    for name, param in params.items():  # whole shapes first: slicing a smaller tensor would fail obscurely
+        dim, expected = feature_dim(name), list(param.shape)
+        if dim is not None:
+            expected[dim] = model.config.num_features
+        if list(full[name].shape) != expected:
+            raise ConfigError(
+                f"{path}: model.safetensors holds {name} of shape {tuple(full[name].shape)}, but config.json "
+                f"describes {tuple(expected)}: the weights and config.json are of different models"
+            )
     with torch.no_grad():
         for name, param in params.items():
-            value = local_slice(model, name, full[name])
-            if value.shape != param.shape:
-                raise ConfigError(
-                    f"{path}: {name} has shape {tuple(value.shape)}, the model needs {tuple(param.shape)}"
-                )
-            param.copy_(value)
+            param.copy_(local_slice(model, name, full[name]))
 
 
 def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -178,4 +196,15 @@ def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: torc
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A step checkpoint's `trainer_state.json` (step, sampler position, the run's settings)."""
+    file = Path(path) / "trainer_state.json"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{file} is missing: the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{file} is not readable JSON ({err}); the checkpoint is damaged") from None

@@ -8,6 +8,7 @@ replicated decoder bias counted once).
 
 from __future__ import annotations
 
+import logging
 import math
 import shutil
 import time
@@ -26,11 +27,19 @@ from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.losses import clt_loss
 from clt_core.tracking import JsonlTracker, MlflowTracker, Tracker, Trackers
-from clt_core.train.checkpoint import gather_full, load_training_state, local_slice, save_checkpoint
+from clt_core.train.checkpoint import (
+    gather_full,
+    load_training_state,
+    local_slice,
+    read_trainer_state,
+    save_checkpoint,
+)
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
 from clt_core.train.schedules import lr_factor, sparsity_factor
+
+log = logging.getLogger(__name__)
 
 # Settings a resumed run may change: they do not alter the run's math (training_steps extends or shortens it, and
 # moves a decaying learning-rate schedule).
@@ -46,6 +55,26 @@ RESUMABLE_CHANGES = {
     "mlflow_tracking_uri",
     "mlflow_experiment",
 }
+# ... and nested ones: skipping rows holding NaN/Inf can be switched on to get past them (the stream before the first
+# such row is the same either way, and the sampler state records what was skipped).
+RESUMABLE_EXCLUDE: dict[str, Any] = {**dict.fromkeys(RESUMABLE_CHANGES, True), "sampler": {"nonfinite": True}}
+
+
+def _resumable_config(config: TrainConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues."""
+    return config.model_dump(mode="json", exclude=RESUMABLE_EXCLUDE)
+
+
+def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """`key: saved -> current` for every setting that differs (nested sections flattened to `a.b`)."""
+    out = []
+    for key in sorted(saved.keys() | current.keys()):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
 
 
 @dataclass
@@ -57,9 +86,14 @@ class TrainResult:
     evaluation: dict[str, Any]
 
 
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Step checkpoints, oldest first."""
-    found = [p for p in (output_dir / "checkpoints").glob("step_*") if (p / "trainer_state.json").exists()]
+def checkpoints(output_dir: Path, *, warn: bool = False) -> list[Path]:
+    """Complete step checkpoints, oldest first. A checkpoint is written to `.step_N.tmp` and renamed when whole, so a
+    partial one (killed while saving, or damaged) is never picked up; `warn` says so for each one found."""
+    root = output_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if (p / "trainer_state.json").exists()]
+    if warn:
+        for partial in sorted({*root.glob(".step_*.tmp"), *(p for p in root.glob("step_*") if p not in found)}):
+            log.warning("ignoring the partial checkpoint %s (written when the run was killed, or damaged)", partial)
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
@@ -99,7 +133,10 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     for key, value in geometry.items():
         given = getattr(config.model, key)
         if given is not None and given != value:
-            raise ConfigError(f"model.{key}={given} but the store {store.url} has {key}={value}")
+            raise ConfigError(
+                f"model.{key}={given} but the store {store.url} has {key}={value}; leave model.{key} unset (it "
+                "comes from the store) or train on a store of that model"
+            )
     model_cfg = CLTConfig.from_dict({**config.model.model_dump(), **geometry}, source=store.url)  # checks k too
     torch.manual_seed(config.seed)
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
@@ -114,17 +151,23 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     L, F_local = model_cfg.num_layers, model.num_local_features
     since_fired = torch.zeros(L, F_local, dtype=torch.float64, device=device)
     step = 0
-    existing = checkpoints(out_dir)
+    existing = checkpoints(out_dir, warn=resume)
     if resume and existing:
+        saved = read_trainer_state(existing[-1])["config"]  # compared before any weight is loaded
+        if changed := _differences(saved, _resumable_config(config)):
+            raise ConfigError(
+                f"{existing[-1]} was trained with other settings ({'; '.join(changed[:4])}"
+                f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}); resume with the same config"
+            )
         state = load_training_state(existing[-1], model, optimizer)
-        if state["config"] != config.model_dump(mode="json", exclude=RESUMABLE_CHANGES):
-            raise ConfigError(f"{existing[-1]} was trained with other settings; resume with the same config")
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
         counters = torch.tensor(state["since_fired"], dtype=torch.float64)
         since_fired = local_slice(model, "b_enc", counters).to(device).clone()
     elif existing or (out_dir / "final").exists():
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
+    if step < config.training_steps:
+        sampler.start()  # the first window's problems (e.g. rows holding NaN/Inf) surface before anything is written
     if shards.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.yaml").write_text(config.to_yaml())
@@ -194,7 +237,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
                 state = {
                     "step": step,
                     "sampler": sampler.state_dict(),
-                    "config": config.model_dump(mode="json", exclude=RESUMABLE_CHANGES),
+                    "config": _resumable_config(config),
                     "since_fired": gather_full(model, "b_enc", since_fired).cpu().tolist(),
                 }
                 save_checkpoint(out_dir / "checkpoints" / f"step_{step}", model, optimizer, state, *extras)

@@ -15,22 +15,23 @@ def test_stages_run_then_cache_then_rerun_from_training(
     prefect_harness, tiny_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     config = pipeline_config(tiny_dirs["llama"], tmp_path / "work")
-    first, states = run_pipeline(config)
+    first, states, flow_run_id = run_pipeline(config)
     assert sorted(states) == sorted(STAGES)
     assert all(s == ["Completed"] * len(s) for s in states.values()), states
     assert len(states["extract-shard"]) == 2
     assert first["registered"]["promoted"] and first["registered"]["version"] == "1"
     assert Path(first["export"], "W_enc_0.safetensors").exists()
-    assert "| mean_nmse |" in summary_artifact() and first["mlflow_run_id"] in summary_artifact()
+    summary = summary_artifact(flow_run_id)
+    assert "| mean_nmse |" in summary and first["mlflow_run_id"] in summary
 
-    second, states = run_pipeline(config)
+    second, states, _ = run_pipeline(config)
     assert {name: set(s) for name, s in states.items() if name != "register"} == {
         name: {"Cached"} for name in STAGES if name != "register"
     }
     assert second["registered"]["reused"] and second["registered"]["version"] == "1"  # no duplicate version
 
     changed = pipeline_config(tiny_dirs["llama"], tmp_path / "work", training_steps=30)
-    third, states = run_pipeline(changed)
+    third, states, _ = run_pipeline(changed)
     for name in ("extract-shard", "norm-stats", "scramble"):
         assert set(states[name]) == {"Cached"}, (name, states[name])
     for name in ("train", "convert", "evaluate", "export", "register"):
