@@ -7,6 +7,7 @@ Errors a user can fix (`CLTError`) print one line and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Callable
@@ -408,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except CLTError as err:
         print(f"clt {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"clt {args.command}: error: no space left on device{where}; free space and run again", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clt {args.command}: interrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ so a checkpoint directory is either complete or absent.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from clt_core.config import format_validation_error
 from clt_core.data.sampler import Normalizer
-from clt_core.errors import ConfigError
+from clt_core.errors import CLTError, ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.parallel import FeatureShards
@@ -85,18 +86,27 @@ def save_checkpoint(
         return
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(model.config.model_dump_json(indent=2))
-    save_file(weights, str(tmp / "model.safetensors"))
-    write_model_extras(tmp, normalizer, source)
-    if moments is not None:
-        save_file(moments, str(tmp / "optimizer.safetensors"))
-    if trainer_state is not None:
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(model.config.model_dump_json(indent=2))
+        save_file(weights, str(tmp / "model.safetensors"))
+        write_model_extras(tmp, normalizer, source)
+        if moments is not None:
+            save_file(moments, str(tmp / "optimizer.safetensors"))
+        if trainer_state is not None:
+            rng = {"torch": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            save_file(rng, str(tmp / "rng.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+    except (OSError, SafetensorError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # the earlier checkpoints stay as they were
+        if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err):
+            raise CLTError(
+                f"{path}: no space left on device while writing the checkpoint; free space, or move the run to a "
+                "bigger disk, and continue it with --resume"
+            ) from None
+        raise
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
