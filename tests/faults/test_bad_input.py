@@ -1,7 +1,7 @@
 """Bad input to the `clt` command is refused: exit status 2, one line on stderr naming the problem and the fix, and
 nothing written (no output created, an existing store or run left byte for byte as it was).
 
-The table of these cases, with the test of each, is docs/bad-input-table.md.
+The table of these cases, with the test of each, is docs/reliability.md ("Bad input refused").
 """
 
 from __future__ import annotations
