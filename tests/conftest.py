@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from tiny_models import tiny_gpt2, tiny_llama
 
-from infra.stack.seaweedfs import S3Server, seaweedfs
+from infra.stack.seaweedfs import S3Server, SeaweedFS, seaweedfs
 
 S3_ACCESS_KEY = "clt-test-key"
 S3_SECRET_KEY = "clt-test-secret-0123456789"
@@ -34,6 +34,23 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture
+def own_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[SeaweedFS]:
+    """A SeaweedFS server of this test's own, with the session server's credentials and buckets, that the test may
+    stop and start again (same port, same data) without disturbing other tests; the environment points at it."""
+    weed = SeaweedFS(tmp_path / "own-seaweedfs", S3_ACCESS_KEY, S3_SECRET_KEY, S3_BUCKETS)
+    try:
+        weed.start()
+    except RuntimeError as err:
+        pytest.fail(str(err))
+    for key, value in weed.server.env().items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield weed
+    finally:
+        weed.stop(kill=True)  # its data goes with the test
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 S3 endpoint and credentials come from the environment only (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), never from code or configs.
-Low-level storage exceptions are translated into one-line `StoreError`s by `storage_errors`.
+Every S3 request is retried with backoff while the endpoint is unreachable or failing transiently
+(`RetryingS3FileSystem`, budget `CLT_S3_RETRY_SECONDS`). Low-level storage exceptions are translated into one-line
+`StoreError`s by `storage_errors`.
 """
 
 from __future__ import annotations
@@ -10,18 +12,37 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import functools
 import json
+import logging
 import os
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import fsspec
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
 from clt_core.errors import StoreError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_SECONDS_VAR = "CLT_S3_RETRY_SECONDS"
+DEFAULT_RETRY_SECONDS = 120.0
+# Backoff between attempts: doubling from the first delay up to the cap, each delay drawn in [d/2, d] (jitter, so
+# the many requests that failed together do not all come back at the same moment).
+RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 0.25, 10.0
+# S3 error codes worth sending again (besides every 5xx): throttling and request timeouts.
+TRANSIENT_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout", "InternalError",
+     "ServiceUnavailable"}
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,12 +80,18 @@ def parse_url(url: str) -> StoreLocation:
 
 
 def s3_options() -> dict:
-    """s3fs options from the environment, with short timeouts so an unreachable endpoint fails fast.
+    """s3fs options from the environment, with short timeouts so that each attempt at an unreachable endpoint fails
+    fast (`CLT_S3_CONNECT_TIMEOUT` seconds, `CLT_S3_MAX_ATTEMPTS` tries inside botocore).
+
+    Above that, every request that fails transiently (endpoint unreachable, connection refused or reset, timeout,
+    5xx, SlowDown) is sent again with exponential backoff for up to `CLT_S3_RETRY_SECONDS` (default 120; 0 turns
+    retrying off), logging a warning per retry; refusals and missing objects fail at once. See `retry_seconds`.
 
     Credentials set in the environment are passed explicitly so that they are part of the filesystem cache key:
     changing them (another user, a rotated secret) gives a new client rather than a stale cached one. Unset, s3fs
     falls back to botocore's usual chain (profiles, instance roles)."""
     env = os.environ
+    retry_seconds()  # a bad value is refused before any request
     options: dict = {
         "config_kwargs": {
             "connect_timeout": float(env.get("CLT_S3_CONNECT_TIMEOUT", "5")),
@@ -86,11 +113,151 @@ def s3_options() -> dict:
     return options
 
 
+def retry_seconds() -> float:
+    """How long a transiently failing S3 request is retried: `CLT_S3_RETRY_SECONDS`, read at each failure."""
+    raw = os.environ.get(RETRY_SECONDS_VAR, "").strip()
+    if not raw:
+        return DEFAULT_RETRY_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise StoreError(f"{RETRY_SECONDS_VAR}={raw!r}: give the S3 retry budget as seconds >= 0 (0: no retries)")
+    return value
+
+
+def is_transient(exc: BaseException, *, idempotent: bool = True) -> bool:
+    """Whether an S3 request that raised `exc` may succeed when sent again: the endpoint unreachable, a connection
+    refused, reset or timed out, or the server failing or overloaded (5xx, SlowDown). Never a refusal (credentials,
+    permissions, certificates), a missing bucket or object, or a bad request. A request that is not `idempotent` (a
+    conditional put) counts only failures that show it never reached the server: sent twice, its second try could
+    fail its own condition."""
+    import ssl
+
+    import aiohttp
+    from botocore.exceptions import ClientError, ConnectTimeoutError, EndpointConnectionError, HTTPClientError, SSLError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+
+    refusals = (FileNotFoundError, PermissionError, FileExistsError, IsADirectoryError, NotADirectoryError, SSLError,
+                ssl.SSLError, aiohttp.ClientSSLError)  # fmt: skip
+    if isinstance(exc, refusals):
+        return False
+    if not idempotent:
+        return isinstance(exc, EndpointConnectionError | ConnectTimeoutError | ConnectionRefusedError)
+    network = (BotoConnectionError, HTTPClientError, ConnectionError, TimeoutError, aiohttp.ClientConnectionError,
+               aiohttp.ClientPayloadError)  # fmt: skip
+    if isinstance(exc, network):
+        return True
+    # s3fs turns a ClientError into an OSError whose cause is the ClientError
+    for err in (exc, exc.__cause__):
+        if isinstance(err, ClientError):
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            return status >= 500 or err.response.get("Error", {}).get("Code") in TRANSIENT_CODES
+    return False
+
+
+class S3Unavailable(Exception):
+    """A transient S3 failure that outlasted the retry budget; `storage_errors` makes it a StoreError."""
+
+    def __init__(
+        self, url: str, attempts: int, seconds: float, budget: float, last: BaseException, *, given_up: bool = False
+    ) -> None:
+        self.url, self.last = url, last
+        self.gave_up = f"gave up after {attempts} attempt(s) over {seconds:.0f} s ({RETRY_SECONDS_VAR}={budget:g})"
+        if given_up:
+            self.gave_up += ", as another request to this endpoint had already retried for the whole budget"
+        self.unreachable = not _server_answered(last)
+        super().__init__(f"{url}: S3 request failed, {self.gave_up}; last error: {_describe(last)}")
+
+
+def _server_answered(exc: BaseException) -> bool:
+    from botocore.exceptions import ClientError
+
+    return any(isinstance(err, ClientError) for err in (exc, exc.__cause__))
+
+
+# Endpoints a request gave up on after its whole retry budget. Until a request to one succeeds again, the requests
+# that fail there get no budget of their own: cleanup after the failure (lease release, removing a partial store)
+# and requests queued behind it fail at once instead of each waiting out another budget.
+_given_up: set[str] = set()
+
+
+async def with_retries(
+    call: Callable[[], Awaitable[T]], url: str, what: str = "S3 request", *, endpoint: str = "", idempotent: bool = True
+) -> T:
+    """Await `call()`, calling it again after transient failures (`is_transient`) with capped exponential backoff
+    and jitter until it succeeds or `retry_seconds()` have passed since the first failure; then `S3Unavailable`.
+    Other errors propagate at once. Each retry logs one warning naming `url`."""
+    attempt, first_failure = 0, 0.0
+    while True:
+        attempt += 1
+        try:
+            result = await call()
+        except Exception as exc:
+            if not is_transient(exc, idempotent=idempotent):
+                raise
+            now = time.monotonic()
+            first_failure = first_failure or now
+            budget, elapsed = retry_seconds(), now - first_failure
+            if endpoint in _given_up:
+                raise S3Unavailable(url, attempt, elapsed, budget, exc, given_up=True) from exc
+            if elapsed >= budget:
+                _given_up.add(endpoint)
+                raise S3Unavailable(url, attempt, elapsed, budget, exc) from exc
+            ceiling = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** (attempt - 1))
+            delay = min(random.uniform(ceiling / 2, ceiling), budget - elapsed)
+            log.warning(
+                "%s: %s failed (attempt %d: %s: %s); retrying in %.1f s, %.0f s of the %g s retry budget left",
+                url, what, attempt, type(exc).__name__, _describe(exc), delay, budget - elapsed, budget,
+            )  # fmt: skip
+            await asyncio.sleep(delay)
+        else:
+            _given_up.discard(endpoint)
+            if attempt > 1:
+                log.warning("%s: %s succeeded at attempt %d", url, what, attempt)
+            return result
+
+
+@functools.cache
+def _retrying_s3_class() -> type[fsspec.AbstractFileSystem]:
+    """`RetryingS3FileSystem`, made on first use: importing s3fs costs time that `clt --help` need not pay."""
+    from s3fs import S3FileSystem
+
+    class RetryingS3FileSystem(S3FileSystem):
+        """s3fs whose every request retries transient failures (`with_retries`). `_call_s3` is the one method all
+        S3 requests of s3fs go through, synchronous or not (listings page by page; a body cut off while read is
+        retried by s3fs, which calls it again). Conditional puts (leases) are retried only when they never left."""
+
+        async def _call_s3(self, method: str, *args: Any, **kwargs: Any) -> Any:
+            target = kwargs.get("Key") or kwargs.get("Prefix") or ""
+            url = f"s3://{kwargs.get('Bucket', '')}/{target}".rstrip("/")
+            conditional = any(k in kwargs for k in ("IfMatch", "IfNoneMatch"))
+            parent = super()._call_s3
+            return await with_retries(
+                lambda: parent(method, *args, **kwargs),
+                url,
+                f"S3 {method}",
+                endpoint=str(self.endpoint_url or ""),
+                idempotent=not conditional,
+            )
+
+    RetryingS3FileSystem.__module__ = __name__
+    RetryingS3FileSystem.__qualname__ = "RetryingS3FileSystem"  # found by pickle through the module's __getattr__
+    return RetryingS3FileSystem
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RetryingS3FileSystem":
+        return _retrying_s3_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def filesystem(loc: StoreLocation) -> fsspec.AbstractFileSystem:
     """A synchronous filesystem for the location (cached by fsspec per set of options)."""
     if loc.is_local:
         return fsspec.filesystem("file")
-    return fsspec.filesystem("s3", **s3_options())
+    return _retrying_s3_class()(**s3_options())
 
 
 # One asynchronous s3fs client per set of options for the whole process, used by every zarr store on S3 (zarr runs
@@ -106,7 +273,8 @@ def _async_s3() -> fsspec.AbstractFileSystem:
     key = json.dumps(options, sort_keys=True)
     with _async_lock:
         if key not in _async_filesystems:
-            _async_filesystems[key] = fsspec.filesystem("s3", asynchronous=True, skip_instance_cache=True, **options)
+            s3_class = _retrying_s3_class()
+            _async_filesystems[key] = s3_class(asynchronous=True, skip_instance_cache=True, **options)
         return _async_filesystems[key]
 
 
@@ -161,6 +329,17 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         yield
     except StoreError:
         raise
+    except S3Unavailable as exc:
+        endpoint = s3_options().get("endpoint_url", "the default AWS endpoint")
+        if exc.unreachable:
+            raise StoreError(
+                f"{url}: cannot reach the S3 endpoint {endpoint} while trying to {action}; {exc.gave_up}; is the "
+                f"server running and AWS_ENDPOINT_URL_S3 right? (last error: {_describe(exc.last)})"
+            ) from None
+        raise StoreError(
+            f"{url}: the S3 endpoint {endpoint} kept failing while trying to {action}; {exc.gave_up} (last error: "
+            f"{_describe(exc.last)})"
+        ) from None
     except PermissionError as exc:
         msg = _describe(exc)
         if "signature" in msg.lower() or "accessdenied" in msg.lower() or "forbidden" in msg.lower():

@@ -90,6 +90,73 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout: fl
     raise RuntimeError(f"SeaweedFS did not come up in {timeout}s ({last}): {log.read_text()[-2000:]}")
 
 
+class SeaweedFS:
+    """One `weed mini` server on loopback that can be stopped and started again on the same ports and data, as an
+    S3 endpoint that goes away for a while and comes back (the fault tests do this). Every port is chosen once,
+    free, when the object is made (S3 on `port` if given); nothing runs until `start()`."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        access_key: str,
+        secret_key: str,
+        buckets: tuple[str, ...] = ("acts",),
+        port: int | None = None,
+        timeout: float = 60,
+    ) -> None:
+        self.data = Path(data_dir)
+        self.timeout = timeout
+        ports = free_ports(13)
+        s3 = port or ports.pop()
+        master, volume, filer, admin, webdav, iceberg, lance, *grpc = ports
+        self.args = [
+            weed_binary(), "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
+            f"-admin.port={admin}", f"-webdav.port={webdav}", f"-s3.port.iceberg={iceberg}",
+            f"-s3.port.lance={lance}", f"-master.port.grpc={grpc[0]}", f"-volume.port.grpc={grpc[1]}",
+            f"-filer.port.grpc={grpc[2]}", f"-s3.port.grpc={grpc[3]}", f"-admin.port.grpc={grpc[4]}",
+            "-admin.ui=false", f"-bucket={','.join(buckets)}",
+        ]  # fmt: skip
+        self.env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+        self.log = self.data / "weed.log"
+        self.server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, tuple(buckets))
+        self._proc: subprocess.Popen | None = None
+        self._starts = 0
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server (again) and wait until it serves every bucket; a restart appends to the log."""
+        if self.running:
+            return
+        self.data.mkdir(parents=True, exist_ok=True)
+        self._starts += 1
+        with self.log.open("w" if self._starts == 1 else "a") as out:
+            self._proc = subprocess.Popen(self.args, cwd=self.data, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(self.server, self._proc, self.log, self.timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self, kill: bool = False) -> None:
+        """Stop the server (SIGTERM, or SIGKILL with `kill`) and wait until it is gone; its data stays."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        if kill:
+            proc.kill()
+        else:
+            proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def seaweedfs(
     data_dir: str | Path,
@@ -100,33 +167,12 @@ def seaweedfs(
     timeout: float = 60,
 ) -> Iterator[S3Server]:
     """Run `weed mini` on loopback with every port free-chosen (S3 on `port` if given); stop it on exit."""
-    data = Path(data_dir)
-    data.mkdir(parents=True, exist_ok=True)
-    ports = free_ports(13)
-    s3 = port or ports.pop()
-    master, volume, filer, admin, webdav, iceberg, lance, *grpc = ports
-    args = [
-        weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-        f"-s3.port={s3}", f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
-        f"-admin.port={admin}", f"-webdav.port={webdav}", f"-s3.port.iceberg={iceberg}",
-        f"-s3.port.lance={lance}", f"-master.port.grpc={grpc[0]}", f"-volume.port.grpc={grpc[1]}",
-        f"-filer.port.grpc={grpc[2]}", f"-s3.port.grpc={grpc[3]}", f"-admin.port.grpc={grpc[4]}",
-        "-admin.ui=false", f"-bucket={','.join(buckets)}",
-    ]  # fmt: skip
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
-    log = data / "weed.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(args, cwd=data, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = S3Server(f"http://127.0.0.1:{s3}", access_key, secret_key, tuple(buckets))
+    weed = SeaweedFS(data_dir, access_key, secret_key, buckets, port=port, timeout=timeout)
+    weed.start()
     try:
-        _wait_ready(server, proc, log, timeout)
-        yield server
+        yield weed.server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        weed.stop()
 
 
 def main() -> None:

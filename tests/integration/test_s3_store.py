@@ -159,6 +159,7 @@ def test_an_unreachable_endpoint_fails_fast_and_clearly(s3_env: S3Server, monkey
         port = sock.getsockname()[1]
     endpoint = f"http://127.0.0.1:{port}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("CLT_S3_RETRY_SECONDS", "1")  # how long an outage is retried (tests/faults/test_s3_outage.py)
     start = time.monotonic()
     with pytest.raises(StoreError, match=rf"cannot reach the S3 endpoint {endpoint} .*AWS_ENDPOINT_URL_S3"):
         ActivationStore.open("s3://acts/anything")
