@@ -68,10 +68,11 @@ def test_extraction_killed_ten_times_then_finished_equals_an_uninterrupted_run(
 
     for i in range(KILLS):
         # Even kills: any moment from the start (loading the model, counting the corpus, creating the store);
-        # odd ones: within 2 s of the next committed chunk (writing rows, committing, refolding the norm stats).
-        before = rows()
-        started = (lambda: True) if i % 2 == 0 else (lambda: rows() > before)  # noqa: B023
-        if _kill_after(args, rng.uniform(0.5, 6.0) if i % 2 == 0 else rng.uniform(0.0, 2.0), started) is None:
+        # odd ones: a moment after a random number of further chunks was committed (writing rows, committing,
+        # refolding the norm stats), so the machine's speed does not decide where kills land.
+        target = rows() + 128 * rng.randint(1, 30)
+        started = (lambda: True) if i % 2 == 0 else (lambda: rows() >= target)  # noqa: B023
+        if _kill_after(args, rng.uniform(0.5, 5.0) if i % 2 == 0 else rng.uniform(0.0, 0.3), started) is None:
             break  # it finished before the kill: the remaining kills would find nothing to interrupt
         committed.append(rows())
     extract(url, cfg, progress=False)
@@ -137,20 +138,29 @@ def test_training_killed_under_torchrun_resumes_to_the_uninterrupted_losses(vict
                 "-m", "clt_core.cli", "train"]  # fmt: skip
     killed = tmp_path / "killed"
     rng = random.Random(1)
+
+    def newest() -> int:
+        return max((int(p.name[5:]) for p in (killed / "checkpoints").glob("step_*")), default=0)
+
     interrupted_at = []  # the newest checkpoint's step after each kill
-    for _ in range(3):
-        args = [*torchrun, *common, "--out", str(killed), "--resume"]
+    for i in range(3):
+        # Kill once training passed a random step of this attempt's third of the run (so the machine's speed does
+        # not decide whether a kill lands), a random fraction of a second later: mid-step, mid-save, anywhere.
+        target = rng.randint(20 + 120 * i, 100 + 120 * i)
+        proc = subprocess.Popen([*torchrun, *common, "--out", str(killed), "--resume"], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while newest() < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.3))
+        assert proc.poll() is None, f"training ended before step {target}"
         if victim == "job":
-            _kill_after(args, rng.uniform(6.0, 14.0))
+            os.killpg(proc.pid, signal.SIGKILL)
         else:  # one rank dies: torchrun stops the other and the job fails
-            proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            time.sleep(rng.uniform(6.0, 14.0))
             ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            if ranks:
-                os.kill(int(ranks[-1]), signal.SIGKILL)
-                assert proc.wait(timeout=120) != 0
-            proc.wait(timeout=120)
-        interrupted_at.append(max((int(p.name[5:]) for p in (killed / "checkpoints").glob("step_*")), default=0))
+            os.kill(int(ranks[-1]), signal.SIGKILL)
+        assert proc.wait(timeout=120) != 0
+        interrupted_at.append(newest())
     assert not (killed / "final").exists() and 0 < interrupted_at[-1] < steps, interrupted_at
     subprocess.run([*torchrun, *common, "--out", str(killed), "--resume"], check=True, timeout=600)
     subprocess.run([*torchrun, *common, "--out", str(tmp_path / "whole")], check=True, timeout=600)
