@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
-from clt_core.extract.models import CapturePoints, module_at
+from clt_core.extract.models import CapturePoints, module_at, traced
 from clt_core.extract.text import PackedWindow
 from clt_core.model.activations import select_topk
 from clt_core.model.clt import CrossLayerTranscoder
@@ -105,9 +105,7 @@ class SplicedRunner:
     """Runs the language model through nnsight, optionally with MLP outputs replaced."""
 
     def __init__(self, lm: torch.nn.Module, points: CapturePoints) -> None:
-        from nnsight import NNsight
-
-        self.traced, self.points = NNsight(lm), points
+        self.traced, self.points = traced(lm), points
 
     def _module(self, name: str) -> Any:
         return module_at(self.traced, name)
@@ -127,16 +125,18 @@ class SplicedRunner:
         chosen = set(range(p.num_layers) if layers is None else layers)
         mask = keep[..., None]
         inputs: list[Any] = []
+        from nnsight import save
+
         with self.traced.trace(input_ids):
             for layer in range(p.num_layers):
                 source, sink = self._module(p.input_name(layer)), self._module(p.output_name(layer))
                 x = getattr(source, p.input_kind)
                 if record_inputs:
-                    inputs.append(x.save())
+                    inputs.append(save(x))
                 if replace is not None and layer in chosen:
                     y = sink.output
                     sink.output = torch.where(mask, replace(layer, x, y), y)
-            out = self.traced.output.save()
+            out = save(self.traced.output)
         return out.logits.float(), [torch.as_tensor(t) for t in inputs]
 
 

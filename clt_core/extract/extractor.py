@@ -33,7 +33,7 @@ from clt_core.data.shards import (
 from clt_core.data.store import ActivationStore, DType
 from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError, StoreError
-from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, module_at, resolve_model
+from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, module_at, resolve_model, traced
 from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, rows_between
 from clt_core.extract.writer import BackgroundWriter
 
@@ -159,9 +159,7 @@ class NNsightCapture:
     """Reads every layer's MLP input and output in one traced forward that stops after the last of them."""
 
     def __init__(self, model: torch.nn.Module, points: CapturePoints) -> None:
-        from nnsight import NNsight
-
-        self.traced = NNsight(model)
+        self.traced = traced(model)
         self.points = points
 
     def _module(self, name: str) -> Any:
@@ -171,12 +169,14 @@ class NNsightCapture:
         """`[B, T]` token ids -> inputs and targets `[B, T, L, d]`."""
         points = self.points
         saved: list[Any] = []
+        from nnsight import save
+
         with torch.inference_mode(), self.traced.trace(input_ids) as tracer:
             for layer in range(points.num_layers):
                 source = self._module(points.input_name(layer))
                 sink = self._module(points.output_name(layer))
-                saved.append(getattr(source, points.input_kind).save())
-                saved.append(getattr(sink, points.output_kind).save())
+                saved.append(save(getattr(source, points.input_kind)))
+                saved.append(save(getattr(sink, points.output_kind)))
             tracer.stop()
         inputs = torch.stack([_tensor(t) for t in saved[0::2]], dim=2)
         targets = torch.stack([_tensor(t) for t in saved[1::2]], dim=2)

@@ -429,6 +429,18 @@ class CapturePoints:
         }
 
 
+def traced(model: torch.nn.Module) -> Any:
+    """`nnsight.NNsight(model)`, with nnsight's `.save()` on every Python object taken off again: nnsight mounts it
+    on `object` through a C extension when imported, and packages imported afterwards that walk `object.__dict__`
+    then fail (beartype, which Prefect imports lazily: "unhashable type: 'instancemethod'"). Use `nnsight.save(x)`."""
+    from nnsight import NNsight
+    from nnsight._c import unmount
+
+    if unmount is not None and "save" in object.__dict__:
+        unmount("save")
+    return NNsight(model)
+
+
 def module_at(root: Any, name: str) -> Any:
     """The submodule `name` ("model.layers.3.mlp") of a module or of an nnsight envoy wrapping one."""
     node = root

@@ -347,3 +347,13 @@ def test_smollm2_alias_converts_once_and_generates() -> None:
     assert "Paris" in lm.tokenizer.decode(out[0, prompt.input_ids.shape[1] :])
     inputs, targets = capture_with_hooks(lm.model, capture_points(lm.model), prompt.input_ids)
     assert inputs.shape == targets.shape == (1, prompt.input_ids.shape[1], 30, 576)
+
+
+def test_tracing_leaves_no_save_method_on_every_object(tiny_dirs: dict[str, Path]) -> None:
+    """nnsight mounts `.save()` on `object` when imported; left there, a later `import beartype` (Prefect imports it
+    lazily) fails with "unhashable type: 'instancemethod'"."""
+    from clt_core.extract.models import traced
+
+    traced(resolve_model(str(tiny_dirs["llama"])).model)
+    assert "save" not in object.__dict__
+    import beartype  # noqa: F401  (fails if a mounted method is left on object)
