@@ -180,7 +180,10 @@ class ActivationStore:
         with storage_errors(loc.url, "create the store"):
             metadata = {INFO_KEY: store_info.model_dump(mode="json")}
             if exist_ok:
-                group = zarr.open_group(zarr_store(loc, read_only=False), mode="a", zarr_format=3)
+                try:
+                    group = zarr.open_group(zarr_store(loc, read_only=False), mode="a", zarr_format=3)
+                except ContainsGroupError:  # another shard made it between zarr's check and its write
+                    group = zarr.open_group(zarr_store(loc, read_only=False), mode="r+", zarr_format=3)
                 if INFO_KEY not in group.attrs:  # only when this process made the group
                     group.update_attributes(metadata)
             else:

@@ -580,3 +580,24 @@ def test_norm_stats_written_by_many_finishers_at_once_never_fail(tmp_path: Path)
         list(pool.map(write, range(200)))  # raises the first writer's error, if any
     got = ActivationStore.open(url).read_norm_stats()
     assert got.count == 10 and all(np.array_equal(getattr(got, n), getattr(stats, n)) for n in NormStats.ARRAYS)
+
+
+def test_exist_ok_tolerates_a_store_made_meanwhile_by_another_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What two shards starting together on S3 saw: the group appears between zarr's check and its write."""
+    from zarr.errors import ContainsGroupError
+
+    url = str(tmp_path / "s")
+    geometry = {"num_layers": 2, "d_model": 4, "dtype": "float32", "rows_per_chunk": 8}
+    ActivationStore.create(url, **geometry)  # the other shard's
+    real = zarr.open_group
+
+    def raced(store: object, *, mode: str = "a", **kw: object) -> zarr.Group:
+        if mode == "a":
+            raise ContainsGroupError("A group exists in store")
+        return real(store, mode=mode, **kw)
+
+    monkeypatch.setattr(zarr, "open_group", raced)
+    store = ActivationStore.create(url, exist_ok=True, **geometry)
+    assert (store.num_layers, store.d_model) == (2, 4)
