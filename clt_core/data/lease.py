@@ -110,8 +110,8 @@ class _Local(_Backend):
         finally:
             os.close(fd)
 
-    def _version(self) -> str:
-        st = os.stat(self.key)
+    @staticmethod
+    def _version(st: os.stat_result) -> str:
         return f"{st.st_mtime_ns}-{st.st_size}-{st.st_ino}"
 
     def create(self, body: bytes) -> str:
@@ -122,11 +122,12 @@ class _Local(_Backend):
                 raise _Conflict from None
             with os.fdopen(fd, "wb") as fh:
                 fh.write(body)
-            return self._version()
+            return self._version(os.stat(self.key))
 
     def read(self) -> tuple[bytes, str] | None:
         try:
-            return Path(self.key).read_bytes(), self._version()
+            with open(self.key, "rb") as fh:  # the version of the very file read (a replace makes a new inode)
+                return fh.read(), self._version(os.fstat(fh.fileno()))
         except FileNotFoundError:
             return None
 
@@ -138,7 +139,7 @@ class _Local(_Backend):
             tmp = f"{self.key}.{uuid.uuid4().hex}.tmp"
             Path(tmp).write_bytes(body)
             os.replace(tmp, self.key)
-            return self._version()
+            return self._version(os.stat(self.key))
 
     def delete(self) -> None:
         with self._locked():
@@ -187,6 +188,7 @@ class StoreLease:
         self.owner = uuid.uuid4().hex
         self.backend: _Backend = (_Local if self.loc.is_local else _S3)(self.loc, name)
         self._version: str | None = None
+        self._acquired = self._expires = 0.0  # set by acquire; _expires moves on with each renewal
         self._lost: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,17 +197,17 @@ class StoreLease:
     def path(self) -> str:
         return self.backend.key if self.loc.is_local else f"s3://{self.backend.key}"
 
-    def _record(self, acquired: float | None = None) -> bytes:
-        now = time.time()
-        record = LeaseRecord(self.owner, socket.gethostname(), os.getpid(), acquired or now, now + self.ttl, self.what)
-        self._acquired, self._expires = record.acquired, record.expires  # as soon as the write succeeds
+    def _record(self, now: float) -> bytes:
+        """This holder's lease, valid for the time to live from `now`."""
+        record = LeaseRecord(self.owner, socket.gethostname(), os.getpid(), self._acquired, now + self.ttl, self.what)
         return json.dumps(asdict(record)).encode()
 
     def acquire(self) -> StoreLease:
+        self._acquired = now = time.time()
         with storage_errors(self.loc.url, f"take the lease {self.name}"):
             for _ in range(5):
                 try:
-                    self._version = self.backend.create(self._record())
+                    self._version = self.backend.create(self._record(now))
                     break
                 except _Conflict:
                     pass
@@ -222,7 +224,7 @@ class StoreLease:
                         f"holder's lease runs out within {self.ttl:.0f} s), or delete {self.path} if it is dead"
                     )
                 try:
-                    self._version = self.backend.replace(self._record(), current[1])
+                    self._version = self.backend.replace(self._record(now), current[1])
                     if holder is not None:
                         log.warning("%s: took over the stale lease of %s", self.loc.url, holder.describe())
                     break
@@ -230,6 +232,7 @@ class StoreLease:
                     continue  # another run took it over first: look again
             else:
                 raise StoreError(f"{self.loc.url}: could not take the lease {self.name} (it keeps changing)")
+        self._expires = now + self.ttl
         self._stop.clear()
         self._thread = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
         self._thread.start()
@@ -237,16 +240,16 @@ class StoreLease:
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl / 3):
-            expires = self._expires
+            now = time.time()
             try:
-                self._version = self.backend.replace(self._record(self._acquired), self._version or "")
+                self._version = self.backend.replace(self._record(now), self._version or "")
+                self._expires = now + self.ttl
             except _Conflict:
                 self._lost = "another run took it over"
                 return
             except Exception as err:  # storage unreachable: try again until the lease runs out
-                self._expires = expires
                 log.warning("%s: could not renew the lease %s: %s", self.loc.url, self.name, err)
-                if time.time() > expires:
+                if time.time() > self._expires:
                     self._lost = f"it ran out while it could not be renewed ({err})"
                     return
 

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
     from clt_core.data.store import ActivationStore
 
 
+def finite_rows(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row (`[n]` bool): whether its inputs and its targets are all finite (no NaN, no Inf)."""
+    n = len(inputs)
+    return torch.isfinite(inputs).reshape(n, -1).all(dim=1) & torch.isfinite(targets).reshape(n, -1).all(dim=1)
+
+
 @dataclass
 class RunningMoments:
     """Streaming first and second moments over rows of shape `[..., L, d]`."""
@@ -113,7 +119,7 @@ class NormStatsAccumulator:
         x, y = torch.as_tensor(inputs), torch.as_tensor(targets)
         moments_x, moments_y = RunningMoments.of(x), RunningMoments.of(y)
         if not (moments_x.finite and moments_y.finite):  # the rare case pays for finding the rows
-            keep = torch.isfinite(x).reshape(len(x), -1).all(dim=1) & torch.isfinite(y).reshape(len(y), -1).all(dim=1)
+            keep = finite_rows(x, y)
             moments_x, moments_y = RunningMoments.of(x[keep]), RunningMoments.of(y[keep])
         self.inputs = self.inputs.merge(moments_x)
         self.targets = self.targets.merge(moments_y)

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
-from clt_core.data.norm_stats import NormStats
+from clt_core.data.norm_stats import NormStats, finite_rows
 from clt_core.data.store import ActivationRows, ActivationStore
 from clt_core.errors import ConfigError, StoreError
 
@@ -152,11 +152,7 @@ def make_normalizer(store: ActivationStore, method: str) -> Normalizer | None:
 
 def nonfinite_rows(rows: ActivationRows) -> torch.Tensor:
     """Per row: whether its inputs or targets hold a NaN or an Inf (`[n]` bool)."""
-    n = len(rows.token_ids)
-    finite = torch.isfinite(rows.inputs).reshape(n, -1).all(dim=1) & torch.isfinite(rows.targets).reshape(n, -1).all(
-        dim=1
-    )
-    return ~finite
+    return ~finite_rows(rows.inputs, rows.targets)
 
 
 def nonfinite_error(store: ActivationStore, bad: list[int], lo: int, hi: int) -> StoreError:
@@ -172,14 +168,19 @@ def output_dtype(store: ActivationStore, config: SamplerConfig) -> torch.dtype:
     return store.torch_dtype if config.dtype == "store" else OUTPUT_DTYPES[config.dtype]
 
 
+def _rows_to_skip(store: ActivationStore, rows: ActivationRows, lo: int, policy: str) -> torch.Tensor:
+    """Which of rows [lo, lo + n) hold NaN/Inf (`[n]` bool) when `policy` is `skip`; an error naming them when it is
+    `error`."""
+    bad = nonfinite_rows(rows)
+    if policy == "error" and bad.any():
+        raise nonfinite_error(store, (bad.nonzero().flatten() + lo).tolist(), lo, lo + len(bad))
+    return bad
+
+
 def _finite_only(store: ActivationStore, rows: ActivationRows, lo: int, policy: str) -> ActivationRows:
     """Rows [lo, lo + n) without those holding NaN/Inf (`skip`), or an error naming them (`error`)."""
-    bad = nonfinite_rows(rows)
-    if not bad.any():
-        return rows
-    if policy == "error":
-        raise nonfinite_error(store, (bad.nonzero().flatten() + lo).tolist(), lo, lo + len(bad))
-    return ActivationRows(*(t[~bad] for t in rows))
+    bad = _rows_to_skip(store, rows, lo, policy)
+    return ActivationRows(*(t[~bad] for t in rows)) if bad.any() else rows
 
 
 def _prepare(rows: ActivationRows, normalizer: Normalizer | None, dtype: torch.dtype) -> ActivationRows:
@@ -291,10 +292,8 @@ class ActivationSampler:
 
     def _fill(self, window: ActivationRows, keep: torch.Tensor, positions: torch.Tensor, lo: int, hi: int) -> None:
         raw = self.store.read(lo, hi)
-        bad = nonfinite_rows(raw)
+        bad = _rows_to_skip(self.store, raw, lo, self.config.nonfinite)
         if bad.any():
-            if self.config.nonfinite == "error":
-                raise nonfinite_error(self.store, (bad.nonzero().flatten() + lo).tolist(), lo, hi)
             keep[positions[bad]] = False
             with self._skipped_lock:
                 self._skipped[lo // self.store.rows_per_chunk] = int(bad.sum())

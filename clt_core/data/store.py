@@ -398,11 +398,10 @@ class ActivationStore:
                     raise StoreError(f"norm stat {name} has shape {value.shape}, the store needs {shape}")
                 # Written in place, never deleted and re-made: the shards that finish together all write these.
                 try:
-                    arr = group[name] if name in group else group.create_array(name, shape=shape, dtype=np.float64,
-                                                                                chunks=shape)  # fmt: skip
+                    arr = group.require_array(name, shape=shape, dtype=np.float64, chunks=shape)
                 except ContainsArrayError:  # another process made it meanwhile
                     arr = group[name]
-                if arr.shape != shape or arr.dtype != np.float64:
+                except TypeError:  # of another shape or dtype: replace it
                     arr = group.create_array(name, shape=shape, dtype=np.float64, chunks=shape, overwrite=True)
                 arr[...] = value
             group.attrs["count"] = int(stats.count)

@@ -22,6 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass
@@ -39,6 +40,21 @@ class S3Server:
             "AWS_SECRET_ACCESS_KEY": secret or self.secret_key,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
+
+    def client(self) -> Any:
+        """A plain boto3 S3 client for this server: short timeouts, one attempt, none of the code under test's
+        retries (for readiness checks and for watching objects from outside)."""
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
+        )
 
 
 def free_ports(n: int) -> list[int]:
@@ -64,17 +80,7 @@ def weed_binary() -> str:
 def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout: float) -> None:
     """Poll until every bucket is listed. boto3, not s3fs: an s3fs client collected later on another thread's
     event loop would print asyncio errors."""
-    import boto3
-    from botocore.config import Config
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
-    )
+    client = server.client()
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:

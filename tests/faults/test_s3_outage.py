@@ -15,12 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
-import boto3
 import numpy as np
 import pytest
 import torch
-from botocore.client import BaseClient
-from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
 from clt_core.data.sampler import ActivationSampler, SamplerConfig
@@ -51,23 +48,10 @@ def extract_config(model: Path) -> ExtractConfig:
     )
 
 
-def client(weed: SeaweedFS) -> BaseClient:
-    """A plain client without retries, to watch the store's objects appear from outside the code under test."""
-    s = weed.server
-    return boto3.client(
-        "s3",
-        endpoint_url=s.endpoint,
-        aws_access_key_id=s.access_key,
-        aws_secret_access_key=s.secret_key,
-        region_name="us-east-1",
-        config=Config(connect_timeout=1, read_timeout=5, retries={"max_attempts": 1}),
-    )
-
-
 def object_exists(weed: SeaweedFS, url: str, key: str) -> Callable[[], bool]:
     """A trigger: whether `key` exists inside the store at `url` (an `s3://bucket/prefix`)."""
     bucket, prefix = url.removeprefix("s3://").split("/", 1)
-    s3 = client(weed)
+    s3 = weed.server.client()  # watches the store from outside the code under test
 
     def check() -> bool:
         try:
