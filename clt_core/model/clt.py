@@ -23,6 +23,9 @@ from clt_core.model.activations import jumprelu, select_topk
 from clt_core.model.config import CLTConfig
 from clt_core.model.decode import decode
 from clt_core.model.parallel import FeatureShards
+from clt_core.model.sparse import ComputeWeights, Selector, SparseActs
+from clt_core.model.sparse import decode as sparse_decode
+from clt_core.model.sparse import encode as sparse_encode
 
 _INIT_BLOCK = 64
 
@@ -36,6 +39,15 @@ class CLTOutput(NamedTuple):
     """Feature activations `[B, L, F_local]` of this rank's features."""
     preactivations: torch.Tensor
     """Encoder outputs `[B, L, F_local]` before the activation function."""
+
+
+class SparseOutput(NamedTuple):
+    """What the sparse (topk/batchtopk) forward pass returns."""
+
+    reconstruction: torch.Tensor
+    """Reconstructed (normalised) MLP outputs `[B, L, d]`, float32, summed over feature shards, `b_dec` included."""
+    acts: SparseActs
+    """This rank's active entries."""
 
 
 def _uniform_rows(
@@ -130,6 +142,23 @@ class CrossLayerTranscoder(nn.Module):
         pre = self.encode(x)
         acts = self.activate(pre)
         return CLTOutput(self.decode(acts, pre), acts, pre)
+
+    @property
+    def has_sparse_forward(self) -> bool:
+        """Whether `sparse_forward` applies: activations that pick a fixed count of entries (topk, batchtopk)."""
+        return self.config.activation_fn in ("batchtopk", "topk")
+
+    def compute_weights(self, dtype: torch.dtype) -> ComputeWeights:
+        """A copy of the encoder and decoders in `dtype`, laid out for `sparse_forward`."""
+        return ComputeWeights(self, dtype)
+
+    def sparse_forward(self, x: torch.Tensor, weights: ComputeWeights) -> SparseOutput:
+        """The topk/batchtopk forward pass on active entries only (see model/sparse.py), with `weights` (a
+        `compute_weights` copy) for the encoder and decoders; gradients reach `weights` and the two biases."""
+        cfg = self.config
+        select = Selector(cfg.k, cfg.activation_fn == "batchtopk", cfg.topk_scope, self.shards)
+        acts = sparse_encode(x, weights, self.b_enc, select)
+        return SparseOutput(sparse_decode(acts, weights, x.shape[0], self.shards) + self.b_dec, acts)
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec‖ of each feature over all the targets it writes to, `[L, F_local]`."""

@@ -9,7 +9,6 @@ replicated decoder bias counted once).
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.model.losses import clt_loss
 from clt_core.tracking import JsonlTracker, MlflowTracker, Tracker, Trackers
 from clt_core.train.checkpoint import (
     gather_full,
@@ -37,7 +35,8 @@ from clt_core.train.checkpoint import (
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
-from clt_core.train.schedules import lr_factor, sparsity_factor
+from clt_core.train.schedules import lr_factor
+from clt_core.train.step import TrainStep
 
 log = logging.getLogger(__name__)
 
@@ -97,21 +96,6 @@ def checkpoints(output_dir: Path, *, warn: bool = False) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix("step_")))
 
 
-def _clip_gradients(model: CrossLayerTranscoder, max_norm: float) -> float:
-    """Scale gradients so their global norm over all ranks is at most `max_norm`; returns the norm before."""
-    sq = torch.zeros((), dtype=torch.float64, device=model.b_dec.device)
-    for name, p in model.named_parameters():
-        if p.grad is not None and (name != "b_dec" or model.shards.rank == 0):
-            sq += torch.linalg.vector_norm(p.grad).double() ** 2
-    norm = math.sqrt(model.shards.all_reduce(sq).item())
-    scale = max_norm / (norm + 1e-6)
-    if scale < 1:
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return norm
-
-
 def train(
     config: TrainConfig, *, resume: bool = False, tracker: Tracker | None = None, progress: bool = True
 ) -> TrainResult:
@@ -140,11 +124,8 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     model_cfg = CLTConfig.from_dict({**config.model.model_dump(), **geometry}, source=store.url)  # checks k too
     torch.manual_seed(config.seed)
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
-    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    extra = {"weight_decay": config.weight_decay} if config.optimizer == "adamw" else {}
-    # The fused kernel (one pass over all parameters) is 4x faster than the per-tensor loop on CPU.
-    fused = device.split(":")[0] in ("cpu", "cuda")
-    optimizer = opt_cls(model.parameters(), lr=config.learning_rate, betas=config.betas, fused=fused, **extra)
+    train_step = TrainStep(model, config, device)
+    optimizer = train_step.optimizer
     sampler = ActivationSampler(store, config.sampler)
     source = {"data": store.url, "store": store.info.model_dump(mode="json"), "sampler": config.sampler.model_dump()}
     extras = (sampler.normalizer, source)
@@ -160,6 +141,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
                 f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''}); resume with the same config"
             )
         state = load_training_state(existing[-1], model, optimizer)
+        train_step.weights_loaded()
         sampler.load_state_dict(state["sampler"])
         step = state["step"]
         counters = torch.tensor(state["since_fired"], dtype=torch.float64)
@@ -180,8 +162,6 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     if tracker is not None and step == 0:
         tracker.log_params({"model": model_cfg.model_dump(mode="json"), **config.model_dump(mode="json")})
 
-    bf16 = config.precision == "bf16"
-    autocast = torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
     batch_tokens = config.sampler.batch_size
     bar = tqdm(
         total=config.training_steps,
@@ -199,33 +179,16 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * factor
             batch = next(batches)
-            x = batch.inputs.to(device, torch.float32, non_blocking=True)
-            y = batch.targets.to(device, torch.float32, non_blocking=True)
-            with autocast:
-                out = model(x)
-            terms = clt_loss(
-                model,
-                out,
-                y,
-                sparsity_lambda=config.sparsity_lambda * sparsity_factor(step, config.sparsity_warmup_steps),
-                sparsity_c=config.sparsity_c,
-                preactivation_coef=config.preactivation_coef,
-                dead_mask=since_fired >= config.dead_feature_window,
-                auxk_coef=config.auxk_coef,
-                auxk_k=config.auxk_k,
-            )
-            optimizer.zero_grad(set_to_none=True)
-            terms.total.backward()
-            grad_norm = _clip_gradients(model, config.grad_clip_norm or math.inf)
-            optimizer.step()
+            x = batch.inputs.to(device, non_blocking=True)
+            y = batch.targets.to(device, non_blocking=True)
+            result = train_step(x, y, step, since_fired >= config.dead_feature_window)
             with torch.no_grad():
-                fired = (out.activations != 0).any(dim=0)
                 since_fired += x.shape[0]
-                since_fired[fired] = 0
+                since_fired[result.fired] = 0
             step += 1
             bar.update(1)
             if step % config.log_interval == 0 or step == config.training_steps:
-                metrics = _step_metrics(terms, out, shards, grad_norm, optimizer, since_fired, config)
+                metrics = _step_metrics(result, x.shape[0], shards, optimizer, since_fired, config)
                 rate = (step - start_step) * batch_tokens / (time.perf_counter() - started)
                 metrics["tokens_per_second"] = rate
                 bar.set_postfix_str(f"loss {metrics['loss/total']:.4g}, {rate:,.0f} tok/s")
@@ -256,10 +219,11 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     return TrainResult(out_dir, out_dir / "final", step, evaluation)
 
 
-def _step_metrics(terms, out, shards, grad_norm, optimizer, since_fired, config) -> dict[str, float]:
+def _step_metrics(result, batch, shards, optimizer, since_fired, config) -> dict[str, float]:
+    terms, grad_norm = result.terms, result.grad_norm
     local = torch.stack([terms.sparsity.detach(), terms.preactivation.detach()]).double()
     shards.all_reduce(local)
-    l0 = shards.all_reduce((out.activations != 0).double().sum(dim=(0, 2)) / out.activations.shape[0])
+    l0 = shards.all_reduce(result.active / batch)
     dead = shards.all_reduce((since_fired >= config.dead_feature_window).double().sum())
     total_features = config.model.num_features * len(l0)
     metrics = {

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,10 +21,10 @@ from clt_core.data.store import ActivationStore
 from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 from clt_core.errors import CLTError
 from clt_core.model.config import CLTConfig
-from clt_core.model.losses import clt_loss
 from clt_core.train.checkpoint import load_model, read_normalizer, read_source
 from clt_core.train.config import TrainConfig
 from clt_core.train.schedules import lr_factor, sparsity_factor
+from clt_core.train.step import TrainStep
 from clt_core.train.trainer import checkpoints, train
 
 
@@ -93,30 +94,30 @@ def test_a_planted_dictionary_is_recovered(tmp_path: Path) -> None:
     [
         {"model": CLTConfig(num_features=128, activation_fn="batchtopk", k=4), "auxk_coef": 1 / 32,
          "dead_feature_window": 512},
+        {"model": CLTConfig(num_features=128, activation_fn="topk", k=4), "precision": "bf16"},
         {"model": CLTConfig(num_features=128, activation_fn="jumprelu"), "sparsity_lambda": 1e-2,
          "preactivation_coef": 1e-3, "sparsity_warmup_steps": 15, "lr_scheduler": "cosine", "warmup_steps": 3},
     ],
-    ids=["batchtopk-auxk", "jumprelu-penalties"],
+    ids=["batchtopk-auxk", "jumprelu-penalties", "topk-sparse-bf16"],
 )  # fmt: skip
 def test_resume_reproduces_the_uninterrupted_losses_bit_for_bit(
     store: str, tmp_path: Path, settings: dict[str, object], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     whole = train(config(store, tmp_path / "whole", **settings), progress=False)
     # The same run, interrupted during step 13 (after the step-10 checkpoint), then resumed.
-    from clt_core.train import trainer
-
     calls = {"n": 0}
+    real_step = TrainStep.__call__
 
-    def interrupt_at_step_13(*args: object, **kw: object) -> object:
+    def interrupt_at_step_13(self: TrainStep, *args: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 13:
             raise KeyboardInterrupt
-        return clt_loss(*args, **kw)
+        return real_step(self, *args)
 
-    monkeypatch.setattr(trainer, "clt_loss", interrupt_at_step_13)
+    monkeypatch.setattr(TrainStep, "__call__", interrupt_at_step_13)
     with pytest.raises(KeyboardInterrupt):
         train(config(store, tmp_path / "resumed", **settings), progress=False)
-    monkeypatch.setattr(trainer, "clt_loss", clt_loss)
+    monkeypatch.setattr(TrainStep, "__call__", real_step)
     assert [p.name for p in checkpoints(tmp_path / "resumed")] == ["step_10"]
     resumed = train(config(store, tmp_path / "resumed", **settings), resume=True, progress=False)
     assert resumed.steps == 20

@@ -1,0 +1,102 @@
+"""Adam(W) over float32 parameters whose gradients may sit on a compute copy (bf16 weights, float32 masters).
+
+The sparse forward pass (model/sparse.py) runs on `ComputeWeights`, a copy of the encoder and decoders in the compute
+dtype; backward leaves their gradients on that copy, in its dtype and layout. `MixedAdam` converts each one to a
+float32 gradient of its parameter's layout, one tensor at a time (so no second full set of float32 gradients is ever
+held), applies PyTorch's fused Adam kernel to the parameter and its float32 moments, and copies the updated
+parameter back into the compute copy. The state is PyTorch's own (`step`, `exp_avg`, `exp_avg_sq` per parameter),
+so checkpoints do not change; with float32 gradients on the parameters the updates equal `torch.optim.AdamW(fused=True)`
+bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.optim.adam import adam
+
+from clt_core.model.clt import CrossLayerTranscoder
+from clt_core.model.sparse import ComputeWeights
+
+
+class MixedAdam(torch.optim.Optimizer):
+    def __init__(
+        self,
+        model: CrossLayerTranscoder,
+        weights: ComputeWeights | None,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float = 0.0,
+        decoupled: bool = True,
+        eps: float = 1e-8,
+    ) -> None:
+        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps}
+        super().__init__(model.parameters(), defaults)
+        self.decoupled = decoupled
+        self.weights = weights
+        # parameter -> (its compute copy, whether the copy swaps the first two dimensions)
+        self.copies: dict[torch.Tensor, tuple[torch.Tensor, bool]] = {}
+        if weights is not None:
+            self.copies[model.W_enc] = (weights.W_enc, False)
+            self.copies.update({w: (c, True) for w, c in zip(model.W_dec, weights.W_dec, strict=True)})
+
+    def gradients(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, its gradient as computed: on the parameter, or on its compute copy)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                copy = self.copies.get(p)
+                grad = p.grad if copy is None else copy[0].grad
+                if grad is not None:
+                    yield p, grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.weights is not None:
+            self.weights.zero_grad()
+
+    def _float_grad(self, p: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
+        copy = self.copies.get(p)
+        if copy is not None:
+            out = torch.empty_like(p)
+            out.copy_(grad.transpose(0, 1) if copy[1] else grad)
+            grad = out
+        return grad.mul_(scale) if scale != 1 else grad
+
+    @torch.no_grad()
+    def step(self, closure: None = None, grad_scale: float = 1.0) -> None:  # type: ignore[override]
+        """One update; every gradient is multiplied by `grad_scale` first (gradient clipping)."""
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                copy = self.copies.get(p)
+                grad = p.grad if copy is None else copy[0].grad
+                if grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                elif state["step"].device != p.device:  # loaded from a checkpoint on the CPU
+                    state["step"] = state["step"].to(p.device)
+                adam(
+                    [p],
+                    [self._float_grad(p, grad, grad_scale)],
+                    [state["exp_avg"]],
+                    [state["exp_avg_sq"]],
+                    [],
+                    [state["step"]],
+                    fused=p.device.type in ("cpu", "cuda"),
+                    decoupled_weight_decay=self.decoupled,
+                    amsgrad=False,
+                    beta1=beta1,
+                    beta2=beta2,
+                    lr=group["lr"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    maximize=False,
+                )
+                if copy is not None:
+                    copy[0].copy_(p.transpose(0, 1) if copy[1] else p)
