@@ -101,7 +101,8 @@ def add_config_arguments(
         flag = "--" + name.replace("_", "-")
         dest = f"{section}.{name}" if section else name
         kind, _ = _argparse_type(field.annotation)
-        help_text = (field.description or "") + f" (default: {field.default!r})"
+        # argparse %-formats help strings: a literal "%" must reach it as "%%"
+        help_text = ((field.description or "") + f" (default: {field.default!r})").replace("%", "%%")
         if kind is bool:
             parser.add_argument(flag, dest=dest, default=None, action=argparse.BooleanOptionalAction, help=help_text)
             continue

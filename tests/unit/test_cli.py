@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from clt_core.cli import main
+from clt_core.cli import build_parser, main
 from clt_core.data.store import ActivationStore
 
 SMALL = ["--rows", "300", "--num-layers", "2", "--d-model", "8", "--num-features", "16", "--rows-per-chunk", "64"]
@@ -148,6 +149,21 @@ def test_argparse_errors_exit_with_status_2(capsys: pytest.CaptureFixture[str]) 
         main(["make-synthetic", "/tmp/x", "--dtype", "int8"])
     assert info.value.code == 2
     assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
+def _subcommands() -> list[str]:
+    """Every subcommand of `clt`, read off the parser so a new one is covered without editing the test."""
+    parser = build_parser()
+    return sorted(next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices)
+
+
+@pytest.mark.parametrize("command", ["", *_subcommands()])
+def test_help_works_for_clt_and_every_subcommand(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"] if command else ["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert out.startswith(f"usage: clt {command}".rstrip())
 
 
 def test_train_refuses_bad_runs_in_one_line(synthetic: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
