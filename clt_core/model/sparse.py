@@ -111,9 +111,7 @@ def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> tor
     row's `count`-th largest value, then as many tied at it as are still needed, by position (earlier ranks first)."""
     threshold = _threshold(scores, count, shards)
     mask = scores >= threshold
-    taken = mask.sum(dim=1, keepdim=True)
-    if shards.world_size > 1:
-        taken = shards.all_reduce(taken.clone())
+    taken = shards.all_reduce(mask.sum(dim=1, keepdim=True))
     if bool((taken == count).all()):
         return mask
     above = scores > threshold
@@ -122,7 +120,13 @@ def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> tor
     if shards.world_size > 1:  # ties on earlier ranks go first
         per_rank = shards.all_gather_cat(ties.sum(dim=1, keepdim=True), dim=1)
         need = need - per_rank[:, : shards.rank].sum(dim=1, keepdim=True)
-    return above | (ties & (ties.cumsum(dim=1) <= need))
+    rows, cols = ties.nonzero(as_tuple=True)  # row-major: each row's ties in position order
+    first = torch.zeros(len(scores) + 1, dtype=torch.int64, device=scores.device)
+    first[1:] = torch.bincount(rows, minlength=len(scores)).cumsum(0)
+    rank_in_row = torch.arange(len(rows), device=scores.device) - first[rows]
+    keep = rank_in_row < need.squeeze(1)[rows]
+    above[rows[keep], cols[keep]] = True
+    return above
 
 
 class Selector:
@@ -195,10 +199,10 @@ class _Encode(torch.autograd.Function):
         """`x [L, B, d]`, `W [L, F, d]` (compute dtype), `b [L, F]` -> values, tokens, features, layer sizes."""
         L, Fl = W.shape[0], W.shape[1]
 
-        def pre(layer: int) -> torch.Tensor:
-            if x.dtype == torch.float32:
-                return torch.addmm(b[layer], x[layer], W[layer].t())
-            return torch.mm(x[layer], W[layer].t()).float().add_(b[layer])
+        bias = b.detach().to(x.dtype)
+
+        def pre(layer: int) -> torch.Tensor:  # in the compute dtype: selection reads half the bytes in bf16
+            return torch.addmm(bias[layer], x[layer], W[layer].t())
 
         if select.per_layer:
             values, flat = [], []
@@ -216,7 +220,7 @@ class _Encode(torch.autograd.Function):
         ctx.save_for_backward(x, tokens, features, sizes)
         ctx.mark_non_differentiable(tokens, features, sizes)
         ctx.W_shape, ctx.W_dtype = W.shape, W.dtype
-        return torch.cat(values), tokens, features, sizes
+        return torch.cat(values).float(), tokens, features, sizes
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:

@@ -103,5 +103,6 @@ class TrainStep:
         sq = torch.zeros((), dtype=torch.float64, device=model.b_dec.device)
         for p, grad in self.optimizer.gradients():
             if p is not model.b_dec or model.shards.rank == 0:
-                sq += torch.linalg.vector_norm(grad, dtype=torch.float32).double() ** 2
+                # accumulated in float32 for bf16 too (only the norm itself is rounded): no float32 copy of `grad`
+                sq += torch.linalg.vector_norm(grad).double() ** 2
         return math.sqrt(model.shards.all_reduce(sq).item())
