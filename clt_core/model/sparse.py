@@ -2,7 +2,7 @@
 
 With `k` of `F` features active per token and layer, everything after the encoder's matmul scales with the active
 entries, not with `F`:
-- selection keeps exactly `count` entries per group (ties at the threshold broken by position, and across feature
+- selection keeps exactly `count` entries per group (ties at the threshold broken deterministically, across feature
   shards by rank), so `k` is exact in bf16 too, where pre-activations tie often;
 - the decoder runs per (source s, target t) block `W[s→t] [F, d]` (in cache) as three gather kernels:
   reconstruction rows `Σ a·W[f]` (an embedding bag per token), decoder gradients `Σ a·g[b]` (an embedding bag per
@@ -10,8 +10,8 @@ entries, not with `F`:
 - the encoder's backward touches only the active entries: `dW_enc[f] = Σ_b g[b,f]·x[b]` (an embedding bag per
   feature over the layer's inputs).
 The weights used are a `ComputeWeights` copy in the compute dtype, laid out for these kernels (decoders target-major,
-`[L-s, F, d]`); their gradients land on that copy, and `MixedAdam` (train/optim.py) applies them to the float32
-parameters. Accumulation is float32 in every kernel.
+`[L-s, F, d]`); their gradients land in that copy's buffers, and `MixedAdam` (train/optim.py) applies them to the
+float32 parameters. Accumulation is float32 in every kernel.
 """
 
 from __future__ import annotations
@@ -67,19 +67,35 @@ class SparseActs(NamedTuple):
 
 class ComputeWeights:
     """The encoder and decoder weights in the compute dtype, laid out for the sparse kernels: `W_enc [L, F, d]` and
-    decoders `W_dec[s] [L-s, F, d]` (block `W_dec[s][t-s]` maps source s to target t). Leaf tensors: backward
-    leaves their gradients here. `refresh` copies the float32 parameters in after each optimiser step."""
+    decoders `W_dec[s] [L-s, F, d]` (block `W_dec[s][t-s]` maps source s to target t), and their gradients.
+
+    Backward writes the gradients into buffers kept from step to step (`grad`): a fresh gigabyte-sized allocation
+    each step would cost more in page faults than the kernels that fill it. `refresh` copies the float32
+    parameters in after each optimiser step."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.W_enc = torch.empty(model.W_enc.shape, dtype=dtype, device=model.W_enc.device)
         self.W_dec = [torch.empty(w.transpose(0, 1).shape, dtype=dtype, device=w.device) for w in model.W_dec]
+        self._grads: list[torch.Tensor | None] = [None] * (1 + len(self.W_dec))
+        self.has_grad = False
+        """Whether the buffers hold the gradients of the last backward pass (cleared by `zero_grad`)."""
         self.refresh(model)
-        for w in self.tensors():
-            w.requires_grad_(True)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.W_enc, *self.W_dec]
+
+    def grad_buffer(self, index: int) -> torch.Tensor:
+        """The gradient buffer of `tensors()[index]` (allocated once; backward overwrites all of it)."""
+        buffer = self._grads[index]
+        if buffer is None:
+            buffer = self._grads[index] = torch.empty_like(self.tensors()[index])
+        self.has_grad = True
+        return buffer
+
+    def grad(self, index: int) -> torch.Tensor | None:
+        """The gradient of `tensors()[index]` from the last backward pass (None after `zero_grad`)."""
+        return self._grads[index] if self.has_grad else None
 
     @torch.no_grad()
     def refresh(self, model: torch.nn.Module) -> None:
@@ -88,73 +104,88 @@ class ComputeWeights:
             copy.copy_(w.transpose(0, 1))
 
     def zero_grad(self) -> None:
-        for w in self.tensors():
-            w.grad = None
+        self.has_grad = False
 
 
 # -- selection ---------------------------------------------------------------------------------------------------------
 
 
-def _threshold(scores: torch.Tensor, count: int, shards: FeatureShards) -> torch.Tensor:
-    """The `count`-th largest value of each row of `scores [G, N_local]` over all ranks' entries, `[G, 1]`."""
-    from clt_core.model.activations import largest
+def _candidates(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and positions `[G, c]` of at least the `count` largest entries of each row of `scores [G, N]`
+    (c = min(count, N) unless more are returned), positions ascending within each row.
 
-    candidates = largest(scores, min(count, scores.shape[1]))
+    A long single row (batchtopk ranks B·F or B·L·F values) is not sorted: a strided sample gives a floor a little
+    below the count-th largest value, and only the entries above it (~20 % more than `count`) are returned, in
+    one pass over the row. Should the sample be unlucky (fewer than `count` above it), `topk` decides."""
+    G, N = scores.shape
+    if G == 1 and N > 65536 and count <= N // 8:
+        row = scores[0]
+        stride = N // 16384
+        sample = row[::stride].sort(descending=True).values
+        floor = sample[min(len(sample) - 1, int(count / stride * 1.2) + 16)]
+        positions = (row >= floor).nonzero().squeeze(1)
+        if len(positions) >= count:
+            return row[positions][None], positions[None]
+    values, positions = scores.topk(min(count, N), dim=1, sorted=False)
+    positions, order = positions.sort(dim=1)
+    return values.gather(1, order), positions
+
+
+def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and columns (row-major, columns ascending) of exactly `count` entries per row of `scores [G, N_local]`
+    ranked over all ranks' entries: every entry above the row's `count`-th largest value, then as many tied at it as
+    are still needed (earlier ranks first; within a long row by position, within short rows in `topk`'s order)."""
+    G = scores.shape[0]
+    values, positions = _candidates(scores, count)
     if shards.world_size == 1:
-        return candidates.min(dim=1, keepdim=True).values
-    candidates = shards.all_gather_cat(candidates, dim=1)
-    return candidates.topk(count, dim=1).values[:, -1:]
-
-
-def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> torch.Tensor:
-    """Mask of exactly `count` entries per row of `scores [G, N_local]` (over all ranks): every entry above the
-    row's `count`-th largest value, then as many tied at it as are still needed, by position (earlier ranks first)."""
-    threshold = _threshold(scores, count, shards)
-    mask = scores >= threshold
-    taken = shards.all_reduce(mask.sum(dim=1, keepdim=True))
-    if bool((taken == count).all()):
-        return mask
-    above = scores > threshold
-    ties = mask & ~above
+        if values.shape[1] > count:  # the count largest; ties by position (a stable sort keeps positions ascending)
+            keep = values.sort(dim=1, descending=True, stable=True).indices[:, :count].sort(dim=1).values
+            positions = positions.gather(1, keep)
+        rows = torch.arange(G, device=scores.device).repeat_interleave(positions.shape[1])
+        return rows, positions.reshape(-1)
+    top = values.topk(min(count, values.shape[1]), dim=1).values
+    threshold = shards.all_gather_cat(top, dim=1).topk(count, dim=1).values[:, -1:]
+    above, ties = values > threshold, values == threshold
     need = count - shards.all_reduce(above.sum(dim=1, keepdim=True))
-    if shards.world_size > 1:  # ties on earlier ranks go first
-        per_rank = shards.all_gather_cat(ties.sum(dim=1, keepdim=True), dim=1)
-        need = need - per_rank[:, : shards.rank].sum(dim=1, keepdim=True)
-    rows, cols = ties.nonzero(as_tuple=True)  # row-major: each row's ties in position order
-    first = torch.zeros(len(scores) + 1, dtype=torch.int64, device=scores.device)
-    first[1:] = torch.bincount(rows, minlength=len(scores)).cumsum(0)
-    rank_in_row = torch.arange(len(rows), device=scores.device) - first[rows]
-    keep = rank_in_row < need.squeeze(1)[rows]
-    above[rows[keep], cols[keep]] = True
-    return above
+    earlier = shards.all_gather_cat(ties.sum(dim=1, keepdim=True), dim=1)[:, : shards.rank].sum(dim=1, keepdim=True)
+    keep = above | (ties & (ties.cumsum(dim=1) <= need - earlier))
+    rows, cols = keep.nonzero(as_tuple=True)
+    return rows, positions[rows, cols]
 
 
 class Selector:
     """Which pre-activations are active (batchtopk: `per_batch`; topk otherwise), per layer or over all layers.
 
     `per_layer` selections are made one layer at a time (`layer`), so a layer's dense pre-activations are dropped
-    as soon as its entries are picked; `global` ones over all layers at once (`all_layers`)."""
+    as soon as its entries are picked; `global` ones over all layers at once (`all_layers`). Both return flat
+    indices `b·F + f` per layer, ascending, of the selected entries that are positive."""
 
     def __init__(self, k: float, per_batch: bool, scope: str, shards: FeatureShards) -> None:
         self.k, self.per_batch, self.per_layer, self.shards = k, per_batch, scope == "per_layer", shards
 
     def layer(self, z: torch.Tensor) -> torch.Tensor:
-        """Flat indices (token-major) of the active entries of one layer's `z [B, F_local]`."""
+        """Active entries of one layer's `z [B, F_local]`."""
         B, F = z.shape
-        count = max(round(self.k * B) if self.per_batch else round(self.k), 1)
-        mask = select_exact(z.reshape(1, B * F) if self.per_batch else z, count, self.shards)
-        return (mask.reshape(B, F) & (z > 0)).reshape(-1).nonzero().squeeze(1)
+        if self.per_batch:
+            _, flat = select_exact(z.reshape(1, B * F), max(round(self.k * B), 1), self.shards)
+        else:
+            rows, cols = select_exact(z, max(round(self.k), 1), self.shards)
+            flat = rows * F + cols
+        return flat[z.reshape(-1)[flat] > 0]
 
     def all_layers(self, z: torch.Tensor) -> list[torch.Tensor]:
-        """Flat indices per layer of the active entries of `z [L, B, F_local]`."""
+        """Active entries of each layer of `z [L, B, F_local]`."""
         L, B, F = z.shape
         if self.per_batch:
-            mask = select_exact(z.reshape(1, L * B * F), max(round(self.k * B), 1), self.shards).reshape(L, B, F)
-        else:
-            mask = select_exact(z.permute(1, 0, 2).reshape(B, L * F), max(round(self.k), 1), self.shards)
-            mask = mask.reshape(B, L, F).permute(1, 0, 2)
-        mask &= z > 0
-        return [mask[layer].reshape(-1).nonzero().squeeze(1) for layer in range(L)]
+            _, flat = select_exact(z.reshape(1, L * B * F), max(round(self.k * B), 1), self.shards)
+        else:  # per token over all layers: rank `[B, L·F]` rows, then order by layer
+            rows, cols = select_exact(z.permute(1, 0, 2).reshape(B, L * F), max(round(self.k), 1), self.shards)
+            flat = ((cols // F) * B + rows) * F + cols % F
+            flat = flat.sort().values
+        flat = flat[z.reshape(-1)[flat] > 0]
+        layer_of = flat // (B * F)
+        sizes = torch.bincount(layer_of, minlength=L).tolist()
+        return list((flat - layer_of * (B * F)).split(sizes))
 
 
 # -- gather kernels ----------------------------------------------------------------------------------------------------
@@ -195,14 +226,17 @@ class SampledDots:
 
 class _Encode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor, select: Selector) -> tuple[Any, ...]:
-        """`x [L, B, d]`, `W [L, F, d]` (compute dtype), `b [L, F]` -> values, tokens, features, layer sizes."""
+    def forward(
+        ctx: Any, x: torch.Tensor, b: torch.Tensor, weights: ComputeWeights, select: Selector, grad_W: bool
+    ) -> tuple[Any, ...]:
+        """`x [L, B, d]` (compute dtype), `b [L, F]` -> values, tokens, features, layer sizes."""
+        W = weights.W_enc
         L, Fl = W.shape[0], W.shape[1]
 
-        bias = b.detach().to(x.dtype)
-
-        def pre(layer: int) -> torch.Tensor:  # in the compute dtype: selection reads half the bytes in bf16
-            return torch.addmm(bias[layer], x[layer], W[layer].t())
+        def pre(layer: int) -> torch.Tensor:  # float32 (bf16 comparisons and sorts are slow on CPU)
+            if x.dtype == torch.float32:
+                return torch.addmm(b[layer], x[layer], W[layer].t())
+            return torch.mm(x[layer], W[layer].t()).float().add_(b[layer])
 
         if select.per_layer:
             values, flat = [], []
@@ -219,14 +253,14 @@ class _Encode(torch.autograd.Function):
         sizes = torch.tensor([len(i) for i in flat])
         ctx.save_for_backward(x, tokens, features, sizes)
         ctx.mark_non_differentiable(tokens, features, sizes)
-        ctx.W_shape, ctx.W_dtype = W.shape, W.dtype
-        return torch.cat(values).float(), tokens, features, sizes
+        ctx.weights, ctx.grad_W = weights, grad_W
+        return torch.cat(values), tokens, features, sizes
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         x, tokens, features, sizes = ctx.saved_tensors
-        L, Fl, _ = ctx.W_shape
-        dW = torch.empty(ctx.W_shape, dtype=ctx.W_dtype, device=x.device) if ctx.needs_input_grad[1] else None
+        L, Fl, _ = ctx.weights.W_enc.shape
+        dW = ctx.weights.grad_buffer(0) if ctx.grad_W else None
         db = torch.zeros(L, Fl, dtype=torch.float32, device=x.device)
         start = 0
         for layer, size in enumerate(sizes.tolist()):
@@ -237,13 +271,16 @@ class _Encode(torch.autograd.Function):
             if dW is not None:
                 order = torch.argsort(f, stable=True)
                 dW[layer] = gather_sum(x[layer], tokens[part][order], bag_offsets(f[order], Fl), g[order])
-        return None, dW, db, None
+        return None, db, None, None, None
 
 
 class _Decode(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, values: torch.Tensor, acts: SparseActs, batch: int, *W_dec: torch.Tensor) -> torch.Tensor:
-        """Active entries and decoders `W_dec[s] [L-s, F, d]` -> reconstruction `[L, B, d]` (float32, no bias)."""
+    def forward(
+        ctx: Any, values: torch.Tensor, acts: SparseActs, batch: int, weights: ComputeWeights, grad_W: bool
+    ) -> torch.Tensor:
+        """Active entries -> reconstruction `[L, B, d]` (float32, no bias) through `weights.W_dec`."""
+        W_dec = weights.W_dec
         L, d = len(W_dec), W_dec[0].shape[2]
         out = torch.zeros(L, batch, d, dtype=torch.float32, device=values.device)
         for s in range(L):
@@ -252,24 +289,24 @@ class _Decode(torch.autograd.Function):
             offsets = bag_offsets(acts.tokens[part], batch)
             for t in range(s, L):
                 out[t] += gather_sum(W_dec[s][t - s], rows, offsets, v)
-        ctx.save_for_backward(values, acts.tokens, acts.features, *W_dec)
-        ctx.ptr, ctx.batch = acts.ptr, batch
+        ctx.save_for_backward(values, acts.tokens, acts.features)
+        ctx.ptr, ctx.batch, ctx.weights, ctx.grad_W = acts.ptr, batch, weights, grad_W
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
-        values, tokens, features, *W_dec = ctx.saved_tensors
+        values, tokens, features = ctx.saved_tensors
+        W_dec = ctx.weights.W_dec
         L, Fl = len(W_dec), W_dec[0].shape[1]
         grad = grad.contiguous()  # [L, B, d] float32
         g_low = grad.to(W_dec[0].dtype)
         grad_values = torch.zeros_like(values)
-        grad_W: list[torch.Tensor | None] = []
         for s in range(L):
             part = slice(ctx.ptr[s], ctx.ptr[s + 1])
             f, tok, v = features[part], tokens[part], values[part]
             order = torch.argsort(f, stable=True)
             f_offsets, tok_by_f, v_by_f = bag_offsets(f[order], Fl), tok[order], v[order]
-            dW = torch.empty_like(W_dec[s]) if ctx.needs_input_grad[3 + s] else None
+            dW = ctx.weights.grad_buffer(1 + s) if ctx.grad_W else None
             acc = torch.zeros(len(f), dtype=torch.float32, device=values.device)
             dots = SampledDots(tok, f, ctx.batch, Fl)
             for t in range(s, L):
@@ -277,14 +314,13 @@ class _Decode(torch.autograd.Function):
                 if dW is not None:
                     dW[t - s] = gather_sum(g_low[t], tok_by_f, f_offsets, v_by_f)
             grad_values[part] = acc
-            grad_W.append(dW)
-        return (grad_values, None, None, *grad_W)
+        return grad_values, None, None, None, None
 
 
 def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select: Selector) -> SparseActs:
     """Normalised inputs `[B, L, d]` -> the active entries."""
     xl = x.transpose(0, 1).to(weights.dtype).contiguous()
-    values, tokens, features, sizes = _Encode.apply(xl, weights.W_enc, b_enc, select)
+    values, tokens, features, sizes = _Encode.apply(xl, b_enc, weights, select, torch.is_grad_enabled())
     ptr = [0]
     for n in sizes.tolist():
         ptr.append(ptr[-1] + n)
@@ -293,5 +329,5 @@ def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select
 
 def decode(acts: SparseActs, weights: ComputeWeights, batch: int, shards: FeatureShards) -> torch.Tensor:
     """Active entries -> reconstruction `[B, L, d]` summed over feature shards (no bias), float32."""
-    out = _Decode.apply(acts.values, acts, batch, *weights.W_dec)
-    return shards.sum_partials(out).transpose(0, 1)
+    out = _Decode.apply(acts.values, acts, batch, weights, torch.is_grad_enabled())
+    return shards.sum_partials(out).transpose(0, 1).contiguous()  # the loss's elementwise ops run on contiguous rows

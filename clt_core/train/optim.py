@@ -36,18 +36,21 @@ class MixedAdam(torch.optim.Optimizer):
         super().__init__(model.parameters(), defaults)
         self.decoupled = decoupled
         self.weights = weights
-        # parameter -> (its compute copy, whether the copy swaps the first two dimensions)
-        self.copies: dict[torch.Tensor, tuple[torch.Tensor, bool]] = {}
+        # parameter -> (index of its compute copy in weights.tensors(), whether the copy swaps the first two dims)
+        self.copies: dict[torch.Tensor, tuple[int, bool]] = {}
         if weights is not None:
-            self.copies[model.W_enc] = (weights.W_enc, False)
-            self.copies.update({w: (c, True) for w, c in zip(model.W_dec, weights.W_dec, strict=True)})
+            self.copies[model.W_enc] = (0, False)
+            self.copies.update({w: (1 + s, True) for s, w in enumerate(model.W_dec)})
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        copy = self.copies.get(p)
+        return p.grad if copy is None or self.weights is None else self.weights.grad(copy[0])
 
     def gradients(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, its gradient as computed: on the parameter, or on its compute copy)."""
         for group in self.param_groups:
             for p in group["params"]:
-                copy = self.copies.get(p)
-                grad = p.grad if copy is None else copy[0].grad
+                grad = self._grad(p)
                 if grad is not None:
                     yield p, grad
 
@@ -71,7 +74,7 @@ class MixedAdam(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             for p in group["params"]:
                 copy = self.copies.get(p)
-                grad = p.grad if copy is None else copy[0].grad
+                grad = self._grad(p)
                 if grad is None:
                     continue
                 state = self.state[p]
@@ -98,5 +101,5 @@ class MixedAdam(torch.optim.Optimizer):
                     eps=group["eps"],
                     maximize=False,
                 )
-                if copy is not None:
-                    copy[0].copy_(p.transpose(0, 1) if copy[1] else p)
+                if copy is not None and self.weights is not None:
+                    self.weights.tensors()[copy[0]].copy_(p.transpose(0, 1) if copy[1] else p)
