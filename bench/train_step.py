@@ -27,10 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as clt_core/__init__.py does, before torch is imported
+import torch  # noqa: E402
 
 from clt_core.model.clt import CrossLayerTranscoder  # noqa: E402
 from clt_core.model.config import CLTConfig  # noqa: E402

@@ -23,7 +23,7 @@ from clt_core.model.activations import jumprelu, select_topk
 from clt_core.model.config import CLTConfig
 from clt_core.model.decode import decode
 from clt_core.model.parallel import FeatureShards
-from clt_core.model.sparse import ComputeWeights, Selector, SparseActs
+from clt_core.model.sparse import ComputeWeights, Selector, SparseActs, reconstruction_loss
 from clt_core.model.sparse import decode as sparse_decode
 from clt_core.model.sparse import encode as sparse_encode
 
@@ -152,13 +152,23 @@ class CrossLayerTranscoder(nn.Module):
         """A copy of the encoder and decoders in `dtype`, laid out for `sparse_forward`."""
         return ComputeWeights(self, dtype)
 
+    def _selector(self) -> Selector:
+        cfg = self.config
+        return Selector(cfg.k, cfg.activation_fn == "batchtopk", cfg.topk_scope, self.shards)
+
+    @torch.no_grad()
     def sparse_forward(self, x: torch.Tensor, weights: ComputeWeights) -> SparseOutput:
         """The topk/batchtopk forward pass on active entries only (see model/sparse.py), with `weights` (a
-        `compute_weights` copy) for the encoder and decoders; gradients reach `weights` and the two biases."""
-        cfg = self.config
-        select = Selector(cfg.k, cfg.activation_fn == "batchtopk", cfg.topk_scope, self.shards)
-        acts = sparse_encode(x, weights, self.b_enc, select)
-        return SparseOutput(sparse_decode(acts, weights, x.shape[0], self.shards) + self.b_dec, acts)
+        `compute_weights` copy) for the encoder and decoders; no gradient (training uses `sparse_loss`)."""
+        acts = sparse_encode(x, weights, self.b_enc, self._selector())
+        return SparseOutput(sparse_decode(acts, weights, self.b_dec, self.shards, x.shape[0]), acts)
+
+    def sparse_loss(self, x: torch.Tensor, y: torch.Tensor, weights: ComputeWeights) -> tuple[torch.Tensor, SparseActs]:
+        """The reconstruction loss per layer `[L]` (MSE over tokens and dimensions) of targets `y` from inputs `x`
+        on the sparse path, and the active entries; backward leaves the encoder's and decoders' gradients in
+        `weights`' buffers and the biases' on the parameters."""
+        acts = sparse_encode(x, weights, self.b_enc, self._selector())
+        return reconstruction_loss(acts, y, self.b_dec, weights, self.shards), acts
 
     def decoder_norms(self) -> torch.Tensor:
         """‖W_dec‖ of each feature over all the targets it writes to, `[L, F_local]`."""

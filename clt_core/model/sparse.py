@@ -78,6 +78,7 @@ class ComputeWeights:
         self.W_enc = torch.empty(model.W_enc.shape, dtype=dtype, device=model.W_enc.device)
         self.W_dec = [torch.empty(w.transpose(0, 1).shape, dtype=dtype, device=w.device) for w in model.W_dec]
         self._grads: list[torch.Tensor | None] = [None] * (1 + len(self.W_dec))
+        self._workspace: dict[str, torch.Tensor] = {}
         self.has_grad = False
         """Whether the buffers hold the gradients of the last backward pass (cleared by `zero_grad`)."""
         self.refresh(model)
@@ -105,6 +106,13 @@ class ComputeWeights:
 
     def zero_grad(self) -> None:
         self.has_grad = False
+
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A step's scratch tensor `name`, kept for the next step of the same shape (contents undefined)."""
+        buffer = self._workspace.get(name)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self._workspace[name] = torch.empty(shape, dtype=dtype, device=self.W_enc.device)
+        return buffer
 
 
 # -- selection ---------------------------------------------------------------------------------------------------------
@@ -274,52 +282,78 @@ class _Encode(torch.autograd.Function):
         return None, db, None, None, None
 
 
-class _Decode(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx: Any, values: torch.Tensor, acts: SparseActs, batch: int, weights: ComputeWeights, grad_W: bool
-    ) -> torch.Tensor:
-        """Active entries -> reconstruction `[L, B, d]` (float32, no bias) through `weights.W_dec`."""
-        W_dec = weights.W_dec
-        L, d = len(W_dec), W_dec[0].shape[2]
-        out = torch.zeros(L, batch, d, dtype=torch.float32, device=values.device)
-        for s in range(L):
-            part = acts.layer(s)
-            rows, v = acts.features[part], values[part]
-            offsets = bag_offsets(acts.tokens[part], batch)
-            for t in range(s, L):
-                out[t] += gather_sum(W_dec[s][t - s], rows, offsets, v)
-        ctx.save_for_backward(values, acts.tokens, acts.features)
-        ctx.ptr, ctx.batch, ctx.weights, ctx.grad_W = acts.ptr, batch, weights, grad_W
-        return out
+def _decode_into(out: torch.Tensor, values: torch.Tensor, acts: SparseActs, weights: ComputeWeights) -> None:
+    """`out [L, B, d]` (float32, zeroed or holding a bias) += this rank's reconstruction of the active entries."""
+    W_dec, batch = weights.W_dec, out.shape[1]
+    for s in range(len(W_dec)):
+        part = acts.layer(s)
+        rows, v = acts.features[part], values[part]
+        offsets = bag_offsets(acts.tokens[part], batch)
+        for t in range(s, len(W_dec)):
+            out[t] += gather_sum(W_dec[s][t - s], rows, offsets, v)
+
+
+class _DecodeLoss(torch.autograd.Function):
+    """Decode, sum over shards, add `b_dec` and take the loss Σ_l MSE_l, in one float32 buffer `[L, B, d]` that
+    holds the reconstruction, then the error, then (in backward, in place) its gradient: no other tensor of that
+    size is made, and each step reuses the buffer."""
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+    def forward(
+        ctx: Any,
+        values: torch.Tensor,
+        b_dec: torch.Tensor,
+        acts: SparseActs,
+        targets: torch.Tensor,
+        weights: ComputeWeights,
+        shards: FeatureShards,
+    ) -> torch.Tensor:
+        """-> the loss per layer `[L]`, float32."""
+        B, L, d = targets.shape
+        out = weights.workspace("error", (L, B, d), torch.float32)
+        out.zero_()
+        _decode_into(out, values, acts, weights)
+        if shards.world_size > 1:
+            shards.all_reduce(out)
+        out += b_dec.detach()[:, None]
+        out -= targets.transpose(0, 1)
+        per_layer = torch.linalg.vector_norm(out, dim=(1, 2)).square() / (B * d)
+        ctx.save_for_backward(values, acts.tokens, acts.features)
+        ctx.ptr, ctx.weights, ctx.error = acts.ptr, weights, out
+        return per_layer
+
+    @staticmethod
+    def backward(ctx: Any, grad_per_layer: torch.Tensor) -> tuple[Any, ...]:
         values, tokens, features = ctx.saved_tensors
-        W_dec = ctx.weights.W_dec
-        L, Fl = len(W_dec), W_dec[0].shape[1]
-        grad = grad.contiguous()  # [L, B, d] float32
-        g_low = grad.to(W_dec[0].dtype)
+        weights, grad = ctx.weights, ctx.error
+        W_dec = weights.W_dec
+        L, B, d = grad.shape
+        Fl = W_dec[0].shape[1]
+        grad.mul_((2 / (B * d)) * grad_per_layer[:, None, None])  # the error becomes d(loss)/d(reconstruction)
+        grad_b_dec = grad.sum(dim=1)
+        g_low = weights.workspace("grad_low", (L, B, d), weights.dtype)
+        g_low.copy_(grad)
         grad_values = torch.zeros_like(values)
         for s in range(L):
             part = slice(ctx.ptr[s], ctx.ptr[s + 1])
             f, tok, v = features[part], tokens[part], values[part]
             order = torch.argsort(f, stable=True)
             f_offsets, tok_by_f, v_by_f = bag_offsets(f[order], Fl), tok[order], v[order]
-            dW = ctx.weights.grad_buffer(1 + s) if ctx.grad_W else None
+            dW = weights.grad_buffer(1 + s)
             acc = torch.zeros(len(f), dtype=torch.float32, device=values.device)
-            dots = SampledDots(tok, f, ctx.batch, Fl)
+            dots = SampledDots(tok, f, B, Fl)
             for t in range(s, L):
                 acc += dots(grad[t], W_dec[s][t - s])
-                if dW is not None:
-                    dW[t - s] = gather_sum(g_low[t], tok_by_f, f_offsets, v_by_f)
+                dW[t - s] = gather_sum(g_low[t], tok_by_f, f_offsets, v_by_f)
             grad_values[part] = acc
-        return grad_values, None, None, None, None
+        return grad_values, grad_b_dec, None, None, None, None
 
 
 def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select: Selector) -> SparseActs:
     """Normalised inputs `[B, L, d]` -> the active entries."""
-    xl = x.transpose(0, 1).to(weights.dtype).contiguous()
+    B, L, d = x.shape
+    xl = weights.workspace("inputs", (L, B, d), weights.dtype) if torch.is_grad_enabled() else None
+    xl = xl.copy_(x.transpose(0, 1)) if xl is not None else x.transpose(0, 1).to(weights.dtype).contiguous()
     values, tokens, features, sizes = _Encode.apply(xl, b_enc, weights, select, torch.is_grad_enabled())
     ptr = [0]
     for n in sizes.tolist():
@@ -327,7 +361,23 @@ def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select
     return SparseActs(values, tokens, features, tuple(ptr))
 
 
-def decode(acts: SparseActs, weights: ComputeWeights, batch: int, shards: FeatureShards) -> torch.Tensor:
-    """Active entries -> reconstruction `[B, L, d]` summed over feature shards (no bias), float32."""
-    out = _Decode.apply(acts.values, acts, batch, weights, torch.is_grad_enabled())
-    return shards.sum_partials(out).transpose(0, 1).contiguous()  # the loss's elementwise ops run on contiguous rows
+@torch.no_grad()
+def decode(
+    acts: SparseActs, weights: ComputeWeights, b_dec: torch.Tensor, shards: FeatureShards, batch: int
+) -> torch.Tensor:
+    """Active entries -> reconstruction `[B, L, d]` summed over feature shards, `b_dec` included, float32 (for
+    evaluation: no gradient)."""
+    L, d = b_dec.shape
+    out = torch.zeros(L, batch, d, dtype=torch.float32, device=b_dec.device)
+    _decode_into(out, acts.values, acts, weights)
+    out = shards.sum_partials(out) + b_dec[:, None]
+    return out.transpose(0, 1).contiguous()
+
+
+def reconstruction_loss(
+    acts: SparseActs, targets: torch.Tensor, b_dec: torch.Tensor, weights: ComputeWeights, shards: FeatureShards
+) -> torch.Tensor:
+    """Σ_l MSE(ŷ_l, y_l) (mean over tokens and dimensions) per layer `[L]` of the active entries' reconstruction
+    of `targets [B, L, d]`; differentiable in the entries' values, `b_dec` and (into `weights`' buffers) the
+    decoders."""
+    return _DecodeLoss.apply(acts.values, b_dec, acts, targets, weights, shards)

@@ -66,13 +66,12 @@ class TrainStep:
         features AuxK may use."""
         model, cfg = self.model, self.config
         if self.sparse:
-            out = model.sparse_forward(x, self.weights)
-            error = out.reconstruction - y.float()
-            loss = error.pow(2).mean(dim=(0, 2)).sum()
+            per_layer, acts = model.sparse_loss(x, y, self.weights)
+            loss = per_layer.sum()
             zero = torch.zeros((), device=loss.device)
             terms = LossTerms(loss, loss, zero, zero, zero)
-            active = out.acts.counts_per_layer().to(loss.device)
-            fired = out.acts.fired(model.num_local_features)
+            active = acts.counts_per_layer().to(loss.device)
+            fired = acts.fired(model.num_local_features)
         else:
             with self.autocast:
                 dense = model(x.float())

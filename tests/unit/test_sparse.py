@@ -35,7 +35,9 @@ def dense_and_sparse_grads(model: CrossLayerTranscoder, dtype: torch.dtype, x: t
     model.zero_grad()
     weights = model.compute_weights(dtype)
     sparse_out = model.sparse_forward(x, weights)
-    sparse_loss = (sparse_out.reconstruction - y).pow(2).mean(dim=(0, 2)).sum()
+    per_layer, acts = model.sparse_loss(x, y, weights)
+    assert torch.equal(acts.tokens, sparse_out.acts.tokens) and torch.equal(acts.features, sparse_out.acts.features)
+    sparse_loss = per_layer.sum()
     sparse_loss.backward()
     sparse = {"W_enc": weights.grad(0).float(), "b_enc": model.b_enc.grad, "b_dec": model.b_dec.grad}
     sparse.update({f"W_dec.{s}": weights.grad(1 + s).transpose(0, 1).float() for s in range(len(weights.W_dec))})
