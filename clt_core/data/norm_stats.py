@@ -21,8 +21,13 @@ if TYPE_CHECKING:
 
 def finite_rows(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per row (`[n]` bool): whether its inputs and its targets are all finite (no NaN, no Inf)."""
-    n = len(inputs)
-    return torch.isfinite(inputs).reshape(n, -1).all(dim=1) & torch.isfinite(targets).reshape(n, -1).all(dim=1)
+    return _finite_rows(inputs) & _finite_rows(targets)
+
+
+def _finite_rows(values: torch.Tensor) -> torch.Tensor:
+    # A row's largest magnitude is finite exactly when all its values are (amax propagates NaN): one reduction,
+    # several times faster than isfinite's bool copy reduced with all() (the sampler runs this on every chunk).
+    return torch.isfinite(values.flatten(1).abs().amax(dim=1))
 
 
 @dataclass

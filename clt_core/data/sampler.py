@@ -7,8 +7,9 @@ permuted (seeded with `(seed, e, window)`) and appended to the stream. Batch `b`
 stream, so batches mix rows of many chunks, epochs roll over seamlessly, and the whole sampler state is one integer:
 the stream position. Resuming re-derives everything else from the seed.
 
-A background thread reads, shuffles, converts and normalises the next windows while the caller trains on the
-current one. The held-out chunks are never in the stream; `holdout_batches` reads them in order for evaluation.
+A background thread reads, shuffles, converts and normalises the next windows (at most `prefetch_windows` ahead,
+none past `read_ahead_until`) while the caller trains on the current one. The held-out chunks are never in the
+stream; `holdout_batches` reads them in order for evaluation.
 
 Rows holding NaN or Inf are found as chunks are read: by default (`nonfinite: error`) they stop the sampler with the
 store and the first bad rows named; with `nonfinite: skip` they are left out of their window. The state then also
@@ -44,7 +45,8 @@ class SamplerConfig(Config):
     batch_size: int = Field(4096, ge=1)
     """Token rows per batch (per rank)."""
     buffer_chunks: int = Field(8, ge=1)
-    """Chunks whose rows are shuffled together: larger mixes better and costs memory (about 2-3 windows resident)."""
+    """Chunks whose rows are shuffled together: larger mixes better and costs memory (`prefetch_windows` + 1
+    windows resident)."""
     seed: int = 0
     """Seed of the chunk and row orders."""
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
@@ -56,7 +58,7 @@ class SamplerConfig(Config):
     """Dtype of the batches: `store` keeps the store's dtype (normalised bf16 loses nothing the bf16 store kept,
     and moves half the bytes of float32); ask for float32 to get it converted here."""
     prefetch_windows: int = Field(2, ge=1)
-    """Windows prepared ahead by the background thread."""
+    """Windows read ahead of the one being sampled by the background thread (each is `buffer_chunks` chunks)."""
     read_workers: int = Field(8, ge=1)
     """Chunks of a window read concurrently."""
     nonfinite: Literal["error", "skip"] = "error"
@@ -223,7 +225,10 @@ class ActivationSampler:
         self.dtype = output_dtype(store, config)
         self.position = 0
         self._thread: threading.Thread | None = None
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_windows)
+        self._queue: queue.Queue[Any] = queue.Queue()  # holds at most prefetch_windows windows (see _room)
+        self._room = threading.Condition()
+        self._ahead = 0  # windows the producer has started and the consumer not yet taken
+        self._read_until: int | None = None  # see read_ahead_until
         self._stop = threading.Event()
         self._current: ActivationRows | None = None
         self._offset = 0
@@ -301,45 +306,65 @@ class ActivationSampler:
         for out, part in zip(window, chunk, strict=True):
             out.index_copy_(0, positions, part)
 
-    def _produce(self, epoch: int, number: int) -> None:
-        """Background loop: the next window's chunks are read while the current one is assembled."""
+    def _produce(self, epoch: int, number: int, start: int) -> None:
+        """Background loop: windows in stream order (the first one starting at stream position `start`), at most
+        `prefetch_windows` of them read or ready ahead of the consumer's: reading further ahead only costs memory
+        and CPU that the training step needs (and a run's last windows would be read for nothing)."""
         try:
-            pending: tuple[ActivationRows, torch.Tensor, list[Future]] | None = None
             empty = 0  # windows in a row left with no row at all
             for window in self._windows_from(epoch, number):
-                started = self._start_reads(window)
-                if pending is not None:
-                    item, keep, reads = pending
-                    for read in reads:
-                        read.result()
-                    if not keep.all():
-                        item = ActivationRows(*(t[keep] for t in item))
-                    empty = 0 if len(item.token_ids) else empty + 1
-                    if empty > self._max_empty_windows:
-                        raise StoreError(
-                            f"{self.store.url}: a whole epoch of training rows holds NaN/Inf; nothing left to train "
-                            f"on (`clt verify {self.store.url}` lists the rows)"
-                        )
-                    while not self._stop.is_set():
-                        try:
-                            self._queue.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-                if self._stop.is_set():
+                if not self._wait_for_room(start):
                     return
-                pending = started
+                item, keep, reads = self._start_reads(window)
+                for read in reads:
+                    read.result()
+                if not keep.all():
+                    item = ActivationRows(*(t[keep] for t in item))
+                empty = 0 if len(item.token_ids) else empty + 1
+                if empty > self._max_empty_windows:
+                    raise StoreError(
+                        f"{self.store.url}: a whole epoch of training rows holds NaN/Inf; nothing left to train "
+                        f"on (`clt verify {self.store.url}` lists the rows)"
+                    )
+                start += len(item.token_ids)
+                self._queue.put(item)
         except BaseException as exc:  # surfaced in the consumer
             self._queue.put(exc)
 
-    def _next_window(self) -> ActivationRows:
+    def _wait_for_room(self, start: int) -> bool:
+        """Wait until a window starting at stream position `start` may be read: fewer than `prefetch_windows` are
+        ahead of the consumer's, and `start` is before the read-ahead limit. False once the sampler is stopping."""
+        with self._room:
+            while not self._stop.is_set():
+                limit = self._read_until
+                if self._ahead < self.config.prefetch_windows and (limit is None or start < limit):
+                    self._ahead += 1
+                    return True
+                self._room.wait(timeout=0.1)
+        return False
+
+    def _next_window(self, row: int) -> ActivationRows:
+        """The next window of the stream, whose rows the caller needs from stream position `row` on."""
+        if self._read_until is not None and row >= self._read_until:
+            self.read_ahead_until(None)  # asked past the limit: read on
         item = self._queue.get()
         if isinstance(item, BaseException):
             self.close()
             if isinstance(item, StoreError):
                 raise item
             raise StoreError(f"{self.store.url}: reading a training window failed: {item}") from item
+        with self._room:  # this window is the consumer's now: the producer may read one more ahead
+            self._ahead -= 1
+            self._room.notify_all()
         return item
+
+    def read_ahead_until(self, position: int | None) -> None:
+        """Read no window ahead that starts at or after stream `position` (None: no limit), e.g. the position after
+        a run's last batch, so that the windows after it are not read for nothing. Only a hint: batches past it are
+        still served (read when asked for)."""
+        with self._room:
+            self._read_until = position
+            self._room.notify_all()
 
     # ------------------------------------------------------------- iteration
     def __iter__(self) -> Iterator[ActivationRows]:
@@ -351,9 +376,10 @@ class ActivationSampler:
         if self._thread is None:
             epoch, number, offset = self._locate(self.position)
             self._stop.clear()
-            self._thread = threading.Thread(target=self._produce, args=(epoch, number), daemon=True)
+            args = (epoch, number, self.position - offset)
+            self._thread = threading.Thread(target=self._produce, args=args, daemon=True)
             self._thread.start()
-            self._current, self._offset = self._next_window(), offset
+            self._current, self._offset = self._next_window(self.position), offset
 
     def __next__(self) -> ActivationRows:
         self.start()
@@ -363,7 +389,7 @@ class ActivationSampler:
             assert self._current is not None
             available = len(self._current.token_ids) - self._offset
             if available == 0:
-                self._current, self._offset = self._next_window(), 0
+                self._current, self._offset = self._next_window(self.position + self.config.batch_size - need), 0
                 continue
             take = min(need, available)
             sl = slice(self._offset, self._offset + take)
@@ -430,7 +456,8 @@ class ActivationSampler:
                 except queue.Empty:
                     self._thread.join(timeout=0.05)
             self._thread = None
-        self._queue = queue.Queue(maxsize=self.config.prefetch_windows)
+        self._queue = queue.Queue()
+        self._ahead = 0
         self._current, self._offset = None, 0
 
     def __enter__(self) -> ActivationSampler:

@@ -351,7 +351,7 @@ class _DecodeLoss(torch.autograd.Function):
 
 def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select: Selector) -> SparseActs:
     """Normalised inputs `[B, L, d]` -> the active entries."""
-    B, L, d = x.shape
+    B, L, d = x.shape  # layer-major rows: bf16 matmuls on strided rows leave oneDNN's fast path
     xl = weights.workspace("inputs", (L, B, d), weights.dtype) if torch.is_grad_enabled() else None
     xl = xl.copy_(x.transpose(0, 1)) if xl is not None else x.transpose(0, 1).to(weights.dtype).contiguous()
     values, tokens, features, sizes = _Encode.apply(xl, b_enc, weights, select, torch.is_grad_enabled())

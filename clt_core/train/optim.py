@@ -35,6 +35,7 @@ class MixedAdam(torch.optim.Optimizer):
         defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps}
         super().__init__(model.parameters(), defaults)
         self.decoupled = decoupled
+        self._scratch: torch.Tensor | None = None
         self.weights = weights
         # parameter -> (index of its compute copy in weights.tensors(), whether the copy swaps the first two dims)
         self.copies: dict[torch.Tensor, tuple[int, bool]] = {}
@@ -61,8 +62,11 @@ class MixedAdam(torch.optim.Optimizer):
 
     def _float_grad(self, p: torch.Tensor, grad: torch.Tensor, scale: float) -> torch.Tensor:
         copy = self.copies.get(p)
-        if copy is not None:
-            out = torch.empty_like(p)
+        if copy is not None:  # converted into one scratch buffer, reused for every tensor and step
+            if self._scratch is None or self._scratch.device != p.device:
+                size = max(q.numel() for q in self.copies)
+                self._scratch = torch.empty(size, dtype=torch.float32, device=p.device)
+            out = self._scratch[: p.numel()].view_as(p)
             out.copy_(grad.transpose(0, 1) if copy[1] else grad)
             grad = out
         return grad.mul_(scale) if scale != 1 else grad

@@ -149,6 +149,8 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     elif existing or (out_dir / "final").exists():
         raise ConfigError(f"{out_dir} already holds a run; pass --resume to continue it, or choose another --out")
     if step < config.training_steps:
+        # No window after the run's last batch is read at all (reading ahead would only compete with the step).
+        sampler.read_ahead_until(sampler.position + (config.training_steps - step) * config.sampler.batch_size)
         sampler.start()  # the first window's problems (e.g. rows holding NaN/Inf) surface before anything is written
     if shards.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,9 +184,8 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
             x = batch.inputs.to(device, non_blocking=True)
             y = batch.targets.to(device, non_blocking=True)
             result = train_step(x, y, step, since_fired >= config.dead_feature_window)
-            with torch.no_grad():
-                since_fired += x.shape[0]
-                since_fired[result.fired] = 0
+            with torch.no_grad():  # masked_fill_, not indexing with the mask: no host sync on a GPU
+                since_fired.add_(x.shape[0]).masked_fill_(result.fired, 0)
             step += 1
             bar.update(1)
             if step % config.log_interval == 0 or step == config.training_steps:

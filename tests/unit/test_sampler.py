@@ -1,4 +1,5 @@
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,51 @@ def test_resume_from_state_dict_gives_the_same_batches(store: ActivationStore, d
     with ActivationSampler(store, raw()) as resumed:
         resumed.load_state_dict(state)
         got = take(resumed, 8)
+    assert all(torch.equal(x, y) for x, y in zip(expected, got, strict=True))
+
+
+def counting_reads(store: ActivationStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The first row of every read of `store`, in the order made (reads of one window run concurrently)."""
+    reads: list[int] = []
+    real = store.read
+
+    def read(start: int, stop: int, **kw: object) -> object:
+        reads.append(start)
+        return real(start, stop, **kw)
+
+    monkeypatch.setattr(store, "read", read)
+    return reads
+
+
+def settle(reads: list[int]) -> int:
+    """The number of reads once the background thread has stopped making more."""
+    seen = -1
+    while seen != len(reads):
+        seen = len(reads)
+        time.sleep(0.3)
+    return seen
+
+
+def test_windows_are_read_at_most_prefetch_windows_ahead(store: ActivationStore, monkeypatch) -> None:
+    reads = counting_reads(store, monkeypatch)
+    with ActivationSampler(store, raw(prefetch_windows=1)) as sampler:
+        next(sampler)
+        assert settle(reads) == 8  # the window sampled from (4 chunks) and one window ahead
+        take(sampler, 2)  # rows 100..299: the second window (from row 256) is taken, so the third is read
+        assert settle(reads) == 12
+
+
+def test_no_window_is_read_ahead_past_the_limit_and_batches_past_it_are_still_served(
+    store: ActivationStore, monkeypatch
+) -> None:
+    with ActivationSampler(store, raw()) as reference:
+        expected = take(reference, 12)
+    reads = counting_reads(store, monkeypatch)
+    with ActivationSampler(store, raw()) as sampler:
+        sampler.read_ahead_until(300)  # 3 batches: rows 0..299 lie in the first two windows (256 rows each)
+        got = take(sampler, 3)
+        assert settle(reads) == 8
+        got += take(sampler, 9)  # past the limit: read on demand, the same stream
     assert all(torch.equal(x, y) for x, y in zip(expected, got, strict=True))
 
 
