@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from clt_core.model.clt import CrossLayerTranscoder  # noqa: E402
 from clt_core.model.config import CLTConfig  # noqa: E402
 from clt_core.train.config import TrainConfig  # noqa: E402
+from clt_core.train.memory import estimate_memory  # noqa: E402
 from clt_core.train.step import TrainStep  # noqa: E402
 
 SHAPES = {
@@ -107,6 +108,30 @@ def run(shape: str, precision: str, dense: bool, profile: bool) -> dict[str, flo
     return {"step_s": t, "tokens_per_s": B / t, "useful_flops": useful / t}
 
 
+def estimated_peak(shape: str, precision: str, dense: bool) -> float:
+    """`clt train`'s estimate for this step, without the sampler's windows (the bench has no sampler)."""
+    _, step = model_and_step(shape, precision, dense)
+    estimate = estimate_memory(step.model.config, step.config, sparse=step.sparse)
+    return (estimate.total - estimate.data) / 2**20
+
+
+def bench_precision(shape: str, precision: str, dense: bool, profile: bool) -> None:
+    """One precision of one shape, in a process of its own (its peak RSS is the step's alone)."""
+    s = SHAPES[shape]
+    r = run(shape, precision, dense, profile)
+    peak16 = matmul_flops(torch.bfloat16)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    estimate = estimated_peak(shape, precision, dense)
+    name = f"{'dense ' if dense else ''}{precision}"
+    print(
+        f"  {name:11s} {r['step_s'] * 1e3:9.1f} ms/step  {r['tokens_per_s']:>8,.0f} tokens/s  "
+        f"{1 / r['step_s']:7.2f} steps/s  useful {r['useful_flops'] / 1e9:6.1f} GFLOP/s  "
+        f"MFU {r['useful_flops'] / peak16:6.1%} of bf16  peak RSS {peak:,.0f} MB (estimated {estimate:,.0f} MB, "
+        f"{estimate / peak - 1:+.0%})  B={s['B']}",
+        flush=True,
+    )
+
+
 def bench_shape(shape: str, profile: bool) -> None:
     s = SHAPES[shape]
     peak32, peak16, bandwidth = matmul_flops(torch.float32), matmul_flops(torch.bfloat16), memory_bandwidth()
@@ -123,16 +148,12 @@ def bench_shape(shape: str, profile: bool) -> None:
         f"  limit at these rates: encoder forward {encoder:.2f} s (bf16 matmul) + optimiser {optimiser:.2f} s "
         f"(memory) = {B / (encoder + optimiser):,.0f} tokens/s before the sparse decoder"
     )
-    for name, precision, dense in (("bf16", "bf16", False), ("fp32", "fp32", False), ("dense bf16", "bf16", True)):
+    for precision, dense in (("bf16", False), ("fp32", False), ("bf16", True)):
         if dense and shape != "a":
             continue  # the dense path at the SmolLM2 shape takes minutes a step (issue 13's baseline)
-        r = run(shape, precision, dense, profile and name == "bf16")
-        print(
-            f"  {name:11s} {r['step_s'] * 1e3:9.1f} ms/step  {r['tokens_per_s']:>8,.0f} tokens/s  "
-            f"{1 / r['step_s']:7.2f} steps/s  useful {r['useful_flops'] / 1e9:6.1f} GFLOP/s  "
-            f"MFU {r['useful_flops'] / peak16:6.1%} of bf16"
-        )
-    print(f"  peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
+        args = ["--shape", shape, "--precision", precision, *(["--dense"] if dense else [])]
+        args += ["--profile"] if profile and precision == "bf16" and not dense else []
+        subprocess.run([sys.executable, __file__, *args], check=True)
 
 
 def bench_e2e(shape: str, steps: int) -> None:
@@ -175,9 +196,13 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's breakdown of one step")
     parser.add_argument("--e2e", choices=list(SHAPES), help="time `clt train` end to end on this shape")
     parser.add_argument("--steps", type=int, default=300, help="steps of the end-to-end run")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], help="(internal) run one precision")
+    parser.add_argument("--dense", action="store_true", help="(internal) with --precision: the dense path")
     args = parser.parse_args()
     if args.e2e:
         bench_e2e(args.e2e, args.steps)
+    elif args.shape and args.precision:
+        bench_precision(args.shape, args.precision, args.dense, args.profile)
     elif args.shape:
         bench_shape(args.shape, args.profile)
     else:

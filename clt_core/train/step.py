@@ -30,10 +30,10 @@ class StepResult(NamedTuple):
     """Global gradient norm before clipping."""
 
 
-def uses_sparse_path(model: CrossLayerTranscoder, config: TrainConfig) -> bool:
+def uses_sparse_path(config: TrainConfig) -> bool:
     """Whether training takes the sparse path (see the module docstring)."""
     extra_terms = config.sparsity_lambda > 0 or config.preactivation_coef > 0 or config.auxk_coef > 0
-    return model.has_sparse_forward and not extra_terms
+    return config.model.activation_fn in ("batchtopk", "topk") and not extra_terms
 
 
 class TrainStep:
@@ -41,7 +41,7 @@ class TrainStep:
 
     def __init__(self, model: CrossLayerTranscoder, config: TrainConfig, device: str) -> None:
         self.model, self.config = model, config
-        self.sparse = uses_sparse_path(model, config)
+        self.sparse = uses_sparse_path(config)
         self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
         self.weights = model.compute_weights(self.dtype) if self.sparse else None
         adamw = config.optimizer == "adamw"

@@ -9,7 +9,9 @@ replicated decoder bias counted once).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,8 +37,9 @@ from clt_core.train.checkpoint import (
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
+from clt_core.train.memory import check_fits, estimate_memory
 from clt_core.train.schedules import lr_factor
-from clt_core.train.step import TrainStep
+from clt_core.train.step import TrainStep, uses_sparse_path
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +125,17 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
                 "comes from the store) or train on a store of that model"
             )
     model_cfg = CLTConfig.from_dict({**config.model.model_dump(), **geometry}, source=store.url)  # checks k too
+    estimate = estimate_memory(
+        model_cfg,
+        config,
+        sparse=uses_sparse_path(config),
+        world_size=shards.world_size,
+        rows_per_chunk=store.rows_per_chunk,
+        store_bytes=2 if store.info.dtype in ("bfloat16", "float16") else 4,
+    )
+    if shards.rank == 0:
+        print(f"estimated peak memory per rank: {estimate.describe()}", file=sys.stderr, flush=True)
+    check_fits(estimate, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     torch.manual_seed(config.seed)
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
     train_step = TrainStep(model, config, device)

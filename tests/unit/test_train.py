@@ -252,3 +252,29 @@ def test_a_forged_or_truncated_checkpoint_is_refused_without_running_it(store: s
     weights.unlink()
     with pytest.raises(CLTError, match="missing"):
         load_model(result.final)
+
+
+def test_the_memory_estimate_is_printed_and_a_run_that_cannot_fit_is_refused(
+    store: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    train(config(store, tmp_path / "fits", training_steps=2), progress=False)
+    assert "estimated peak memory per rank:" in capfd.readouterr().err
+    huge = config(store, tmp_path / "huge", model=CLTConfig(num_features=4_000_000, activation_fn="batchtopk", k=4))
+    with pytest.raises(CLTError, match=r"needs about .* GB per rank but the machine has .* GB: lower"):
+        train(huge, progress=False)
+    assert not (tmp_path / "huge").exists()  # refused before anything was allocated or written
+
+
+def test_memory_estimate_parts() -> None:
+    from clt_core.train.memory import estimate_memory
+
+    model = CLTConfig(num_layers=30, d_model=576, num_features=2048, activation_fn="batchtopk", k=32)
+    cfg = TrainConfig(model=model, precision="bf16", sampler=SamplerConfig(batch_size=4096))
+    sparse = estimate_memory(model, cfg, sparse=True)
+    params = 30 * 2048 * 576 + 2048 * 576 * 465 + 2 * 30 * 2048 + 30 * 576
+    assert sparse.parameters == 4 * params and sparse.optimizer == 8 * params
+    assert sparse.compute_copy == 2 * (params - 2 * 30 * 2048 - 30 * 576)
+    halves = estimate_memory(model, cfg, sparse=True, world_size=2)  # feature shards split all but b_dec
+    assert halves.parameters < 0.51 * sparse.parameters
+    dense = estimate_memory(model, cfg.model_copy(update={"precision": "fp32"}), sparse=False)
+    assert dense.gradients == 4 * params and dense.compute_copy == 0

@@ -1,0 +1,101 @@
+"""Peak memory of a training run per rank, estimated before the first step, and the refusal of a run that cannot fit.
+
+The parts, for this rank's features: float32 parameters and two Adam moments; gradients (on the sparse path in the
+compute dtype on the compute copy, plus one float32 scratch tensor the size of the largest decoder; on the dense path
+float32 on every parameter); the compute copy itself; the step's activations; the sampler's windows (inputs and
+targets of `buffer_chunks` chunks, about `prefetch_windows + 2` of them resident: read ahead, being sampled, being
+filled); and the runtime (Python, torch and the libraries: measured here at ~0.7 GB).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psutil
+
+from clt_core.errors import ConfigError
+from clt_core.model.config import CLTConfig
+from clt_core.train.config import TrainConfig
+
+RUNTIME_BYTES = 700 * 2**20
+"""Resident size of a training process before its model and data (interpreter, torch, zarr, numpy, pydantic)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    parameters: int
+    gradients: int
+    optimizer: int
+    compute_copy: int
+    activations: int
+    data: int
+    runtime: int = RUNTIME_BYTES
+
+    @property
+    def total(self) -> int:
+        return (
+            self.parameters + self.gradients + self.optimizer + self.compute_copy + self.activations + self.data
+        ) + self.runtime
+
+    def describe(self) -> str:
+        gb = 2**30
+        parts = ", ".join(
+            f"{name} {value / gb:.2f}"
+            for name, value in (
+                ("parameters", self.parameters),
+                ("gradients", self.gradients),
+                ("optimiser", self.optimizer),
+                ("compute copy", self.compute_copy),
+                ("activations", self.activations),
+                ("data", self.data),
+                ("runtime", self.runtime),
+            )
+        )
+        return f"{self.total / gb:.1f} GB ({parts} GB)"
+
+
+def estimate_memory(
+    model: CLTConfig,
+    config: TrainConfig,
+    *,
+    sparse: bool,
+    world_size: int = 1,
+    rows_per_chunk: int = 4096,
+    store_bytes: int = 2,
+) -> MemoryEstimate:
+    """Estimated peak resident memory of one rank of a run (`sparse`: whether it takes the sparse path)."""
+    L, d, F = model.num_layers or 1, model.d_model or 1, model.num_features // world_size
+    B = config.sampler.batch_size
+    encoder = L * F * d
+    decoders = F * d * L * (L + 1) // 2
+    biases = 2 * L * F + L * d
+    params = encoder + decoders + biases
+    low = 2 if config.precision == "bf16" else 4
+    if sparse:
+        gradients = (encoder + decoders) * low + biases * 4 + F * L * d * 4  # + scratch for the largest decoder
+        compute_copy = (encoder + decoders) * low
+        k_entries = B * (model.k * L if model.topk_scope == "per_layer" else model.k)
+        # inputs copy, error/gradient buffer, its low-precision copy; one layer's float32 pre-activations with the
+        # selection's temporaries (or every layer's, for a global scope); ~60 bytes per active entry
+        dense_pre = (1 if model.topk_scope == "per_layer" else L) * B * F * 4 * 2
+        activations = B * L * d * (low + 4 + low) + dense_pre + int(k_entries * 60)
+    else:
+        gradients = params * 4
+        compute_copy = params * 2 if config.precision == "bf16" else 0  # autocast's cached bf16 weights
+        activations = B * L * F * 4 * 5 + B * L * d * 4 * 6  # pre-activations, activations, masks, their grads
+    window = config.sampler.buffer_chunks * rows_per_chunk * L * d * store_bytes * 2
+    data = window * (config.sampler.prefetch_windows + 2)
+    return MemoryEstimate(params * 4, gradients, params * 8, compute_copy, activations, data)
+
+
+def check_fits(estimate: MemoryEstimate, ranks_on_this_machine: int = 1) -> None:
+    """Refuse, in one line, a run whose ranks on this machine need more memory than it has."""
+    need = estimate.total * ranks_on_this_machine
+    have = psutil.virtual_memory().total
+    if need > have:
+        who = f"{ranks_on_this_machine} ranks x " if ranks_on_this_machine > 1 else ""
+        raise ConfigError(
+            f"this run needs about {who}{estimate.total / 2**30:.1f} GB per rank but the machine has "
+            f"{have / 2**30:.1f} GB: lower model.num_features or sampler.batch_size, use precision: bf16, or "
+            "split the features over more machines (torchrun)"
+        )
