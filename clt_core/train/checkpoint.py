@@ -29,6 +29,7 @@ from clt_core.errors import CLTError, ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.parallel import FeatureShards
+from clt_core.train.optim import MixedAdam
 
 NORMALIZATION_FILE = "normalization.safetensors"
 SOURCE_FILE = "source.json"
@@ -59,7 +60,7 @@ def model_state(model: CrossLayerTranscoder) -> dict[str, torch.Tensor]:
     return {n: gather_full(model, n, p).cpu().contiguous() for n, p in model.named_parameters()}
 
 
-def optimizer_state(model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+def optimizer_state(model: CrossLayerTranscoder, optimizer: MixedAdam) -> dict[str, torch.Tensor]:
     out = {}
     for name, param in model.named_parameters():
         state = optimizer.state.get(param, {})
@@ -74,7 +75,7 @@ def optimizer_state(model: CrossLayerTranscoder, optimizer: torch.optim.Optimize
 def save_checkpoint(
     path: Path,
     model: CrossLayerTranscoder,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: MixedAdam | None = None,
     trainer_state: dict[str, Any] | None = None,
     normalizer: Normalizer | None = None,
     source: dict[str, Any] | None = None,
@@ -190,7 +191,7 @@ def load_weights(path: Path, model: CrossLayerTranscoder) -> None:
             param.copy_(local_slice(model, name, full[name]))
 
 
-def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_training_state(path: Path, model: CrossLayerTranscoder, optimizer: MixedAdam) -> dict[str, Any]:
     """Restore weights, optimiser moments and RNG; return the trainer state."""
     load_weights(path, model)
     moments = read_tensors(path / "optimizer.safetensors")

@@ -51,6 +51,10 @@ class TrainConfig(Config):
     """A feature that has not fired in this many training tokens counts as dead."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16: autocast the forward pass (CPU and CUDA); parameters and optimiser state stay float32."""
+    threads: int | None = Field(None, ge=1)
+    """CPU threads of the step (torch's intra-op threads). None: all cores, except for small steps (under 1 GFLOP
+    of encoder work, e.g. L=4, d=64, F=512, B=512), which run on one and leave the other cores to the sampler's
+    reads; OMP_NUM_THREADS, when set, is kept."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     log_interval: int = Field(50, ge=1)
@@ -64,5 +68,6 @@ class TrainConfig(Config):
     seed: int = 0
     """Seed of everything random in training that the model and sampler seeds do not cover."""
     mlflow_tracking_uri: str | None = None
-    """Log params, metrics and plots to this MLflow tracking URI (e.g. sqlite:///mlflow.db); metrics.jsonl always."""
+    """Log params, metrics and plots to this MLflow tracking URI (e.g. sqlite:///mlflow.db); metrics.jsonl always.
+    The feature-density plot is drawn only for MLflow (`clt evaluate` draws it for any model)."""
     mlflow_experiment: str = "clt"

@@ -88,6 +88,12 @@ def estimate_memory(
     return MemoryEstimate(params * 4, gradients, params * 8, compute_copy, activations, data)
 
 
+def small_step(model: CLTConfig, config: TrainConfig, world_size: int = 1) -> bool:
+    """Whether a step is small enough (under 1 GFLOP of encoder work) that one CPU thread runs it as fast as two."""
+    L, d, F = model.num_layers or 1, model.d_model or 1, model.num_features // world_size
+    return 2 * config.sampler.batch_size * L * d * F < 1e9
+
+
 def check_fits(estimate: MemoryEstimate, ranks_on_this_machine: int = 1) -> None:
     """Refuse, in one line, a run whose ranks on this machine need more memory than it has."""
     need = estimate.total * ranks_on_this_machine

@@ -12,6 +12,7 @@ bit for bit.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.optim.adam import adam
@@ -20,7 +21,10 @@ from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.sparse import ComputeWeights
 
 
-class MixedAdam(torch.optim.Optimizer):
+class MixedAdam:
+    """Adam(W) with PyTorch's `param_groups` and `state` (not a `torch.optim.Optimizer`: constructing one imports
+    torch._dynamo, a second of every run's start-up)."""
+
     def __init__(
         self,
         model: CrossLayerTranscoder,
@@ -32,8 +36,9 @@ class MixedAdam(torch.optim.Optimizer):
         decoupled: bool = True,
         eps: float = 1e-8,
     ) -> None:
-        defaults = {"lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps}
-        super().__init__(model.parameters(), defaults)
+        group = {"params": list(model.parameters()), "lr": lr, "betas": betas, "weight_decay": weight_decay, "eps": eps}
+        self.param_groups: list[dict[str, Any]] = [group]
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         self.decoupled = decoupled
         self._scratch: torch.Tensor | None = None
         self.weights = weights
@@ -56,7 +61,9 @@ class MixedAdam(torch.optim.Optimizer):
                     yield p, grad
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none)
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
         if self.weights is not None:
             self.weights.zero_grad()
 
@@ -72,7 +79,7 @@ class MixedAdam(torch.optim.Optimizer):
         return grad.mul_(scale) if scale != 1 else grad
 
     @torch.no_grad()
-    def step(self, closure: None = None, grad_scale: float = 1.0) -> None:  # type: ignore[override]
+    def step(self, grad_scale: float = 1.0) -> None:
         """One update; every gradient is multiplied by `grad_scale` first (gradient clipping)."""
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -81,7 +88,7 @@ class MixedAdam(torch.optim.Optimizer):
                 grad = self._grad(p)
                 if grad is None:
                     continue
-                state = self.state[p]
+                state = self.state.setdefault(p, {})
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -37,7 +37,7 @@ from clt_core.train.checkpoint import (
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
-from clt_core.train.memory import check_fits, estimate_memory
+from clt_core.train.memory import check_fits, estimate_memory, small_step
 from clt_core.train.schedules import lr_factor
 from clt_core.train.step import TrainStep, uses_sparse_path
 
@@ -49,6 +49,7 @@ RESUMABLE_CHANGES = {
     "training_steps",
     "output_dir",
     "device",
+    "threads",
     "log_interval",
     "eval_interval",
     "eval_rows",
@@ -136,6 +137,10 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     if shards.rank == 0:
         print(f"estimated peak memory per rank: {estimate.describe()}", file=sys.stderr, flush=True)
     check_fits(estimate, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    elif device == "cpu" and "OMP_NUM_THREADS" not in os.environ and small_step(model_cfg, config, shards.world_size):
+        torch.set_num_threads(1)  # a second thread gains less than the sampler's reads lose without a core
     torch.manual_seed(config.seed)
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
     train_step = TrainStep(model, config, device)
@@ -166,6 +171,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         # No window after the run's last batch is read at all (reading ahead would only compete with the step).
         sampler.read_ahead_until(sampler.position + (config.training_steps - step) * config.sampler.batch_size)
         sampler.start()  # the first window's problems (e.g. rows holding NaN/Inf) surface before anything is written
+    plots = bool(config.mlflow_tracking_uri) or tracker is not None
     if shards.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.yaml").write_text(config.to_yaml())
@@ -227,7 +233,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         sampler.close()
     save_checkpoint(out_dir / "final", model, None, None, *extras)
     if tracker is not None:
-        if evaluation:
+        if evaluation and plots:  # for MLflow and the flows: matplotlib's import alone is a second of a small run
             plot = plot_feature_density(evaluation["feature_density"], out_dir / "final" / "feature_density.png")
             tracker.log_artifact(plot)
         tracker.close()
