@@ -49,8 +49,11 @@ class TrainConfig(Config):
     """Dead features per token that the AuxK loss uses."""
     dead_feature_window: int = Field(1_000_000, ge=1)
     """A feature that has not fired in this many training tokens counts as dead."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16: autocast the forward pass (CPU and CUDA); parameters and optimiser state stay float32."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16: topk/batchtopk train on bf16 copies of the encoder and decoders (float32 masters, moments and
+    accumulation; see model/sparse.py), other activations autocast their forward pass; fp32: float32 throughout;
+    auto: bf16 on the sparse path (topk/batchtopk without sparsity, pre-activation or AuxK terms), where it is faster
+    and as good, fp32 elsewhere (autocast is slower than float32 on CPU)."""
     threads: int | None = Field(None, ge=1)
     """CPU threads of the step (torch's intra-op threads). None: all cores, except for small steps (under 1 GFLOP
     of encoder work, e.g. L=4, d=64, F=512, B=512), which run on one and leave the other cores to the sampler's

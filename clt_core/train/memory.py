@@ -12,10 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import psutil
+import torch
 
 from clt_core.errors import ConfigError
 from clt_core.model.config import CLTConfig
 from clt_core.train.config import TrainConfig
+from clt_core.train.step import compute_dtype
 
 RUNTIME_BYTES = 700 * 2**20
 """Resident size of a training process before its model and data (interpreter, torch, zarr, numpy, pydantic)."""
@@ -70,7 +72,7 @@ def estimate_memory(
     decoders = F * d * L * (L + 1) // 2
     biases = 2 * L * F + L * d
     params = encoder + decoders + biases
-    low = 2 if config.precision == "bf16" else 4
+    low = 2 if compute_dtype(config) == torch.bfloat16 else 4
     if sparse:
         gradients = (encoder + decoders) * low + biases * 4 + F * L * d * 4  # + scratch for the largest decoder
         compute_copy = (encoder + decoders) * low
@@ -81,7 +83,7 @@ def estimate_memory(
         activations = B * L * d * (low + 4 + low) + dense_pre + int(k_entries * 60)
     else:
         gradients = params * 4
-        compute_copy = params * 2 if config.precision == "bf16" else 0  # autocast's cached bf16 weights
+        compute_copy = params * 2 if low == 2 else 0  # autocast's cached bf16 weights
         activations = B * L * F * 4 * 5 + B * L * d * 4 * 6  # pre-activations, activations, masks, their grads
     window = config.sampler.buffer_chunks * rows_per_chunk * L * d * store_bytes * 2
     data = window * (config.sampler.prefetch_windows + 2)

@@ -36,13 +36,20 @@ def uses_sparse_path(config: TrainConfig) -> bool:
     return config.model.activation_fn in ("batchtopk", "topk") and not extra_terms
 
 
+def compute_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype of the step's matmuls: `precision`, with `auto` resolved (see TrainConfig.precision)."""
+    if config.precision == "auto":
+        return torch.bfloat16 if uses_sparse_path(config) else torch.float32
+    return torch.bfloat16 if config.precision == "bf16" else torch.float32
+
+
 class TrainStep:
     """The trainer's step for `model` under `config`; owns the optimiser (and the compute copy of the weights)."""
 
     def __init__(self, model: CrossLayerTranscoder, config: TrainConfig, device: str) -> None:
         self.model, self.config = model, config
         self.sparse = uses_sparse_path(config)
-        self.dtype = torch.bfloat16 if config.precision == "bf16" else torch.float32
+        self.dtype = compute_dtype(config)
         self.weights = model.compute_weights(self.dtype) if self.sparse else None
         adamw = config.optimizer == "adamw"
         self.optimizer = MixedAdam(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +133,6 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         rows_per_chunk=store.rows_per_chunk,
         store_bytes=2 if store.info.dtype in ("bfloat16", "float16") else 4,
     )
-    if shards.rank == 0:
-        print(f"estimated peak memory per rank: {estimate.describe()}", file=sys.stderr, flush=True)
     check_fits(estimate, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -192,6 +189,8 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         desc="train",
         disable=not progress or shards.rank != 0,
     )
+    if shards.rank == 0 and step < config.training_steps:  # after every refusal above: each is its one line
+        print(f"estimated peak memory per rank: {estimate.describe()}", flush=True)
     evaluation: dict[str, Any] = {}
     started, start_step = time.perf_counter(), step
     batches = iter(sampler)

@@ -112,6 +112,8 @@ def base_config(store: str, out: Path, case: str, steps: int = STEPS) -> TrainCo
         "eval_rows": 512,
         "checkpoint_interval": HALF,
         "keep_checkpoints": 5,
+        # Equality across world sizes is a float32 property: in bf16 each rank rounds its own partial sums.
+        "precision": "fp32",
     }
     return TrainConfig(**{**settings, **CASES[case]})
 

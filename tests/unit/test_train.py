@@ -67,6 +67,35 @@ def step_losses(out: Path) -> dict[int, float]:
     return dict(logged(out))
 
 
+def test_bf16_reaches_the_float32_quality_on_a_planted_dictionary(tmp_path: Path) -> None:
+    """Same data, same steps: bf16's held-out NMSE within 0.005 of float32's, and exactly k per token on average."""
+    data = synthetic(
+        str(tmp_path / "planted"), rows=16384, num_layers=4, d_model=64, num_features=128, dtype="bfloat16"
+    )
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = config(
+            data,
+            tmp_path / precision,
+            model=CLTConfig(num_features=256, activation_fn="batchtopk", k=4),
+            sampler=SamplerConfig(batch_size=512, holdout_fraction=0.1, buffer_chunks=4),
+            training_steps=300,
+            learning_rate=3e-3,
+            log_interval=10,
+            eval_interval=300,
+            checkpoint_interval=300,
+            eval_rows=4096,
+            precision=precision,
+        )
+        results[precision] = train(cfg, progress=False)
+    nmse = {p: r.evaluation["mean_nmse"] for p, r in results.items()}
+    print(f"planted dictionary, held-out mean NMSE: {nmse}")
+    assert abs(nmse["bf16"] - nmse["fp32"]) < 0.005
+    lines = [json.loads(line) for line in (results["bf16"].output_dir / "metrics.jsonl").read_text().splitlines()]
+    l0 = [r[f"l0/layer_{i}"] for r in lines if "l0/layer_0" in r for i in range(4)]
+    assert sum(l0) / len(l0) == pytest.approx(4.0, abs=1e-9)  # batchtopk: k·B entries per layer, ties or not
+
+
 def test_a_planted_dictionary_is_recovered(tmp_path: Path) -> None:
     data = synthetic(str(tmp_path / "planted"), rows=16384, num_layers=4, d_model=64, num_features=128)
     cfg = config(
@@ -258,7 +287,7 @@ def test_the_memory_estimate_is_printed_and_a_run_that_cannot_fit_is_refused(
     store: str, tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     train(config(store, tmp_path / "fits", training_steps=2), progress=False)
-    assert "estimated peak memory per rank:" in capfd.readouterr().err
+    assert "estimated peak memory per rank:" in capfd.readouterr().out
     huge = config(store, tmp_path / "huge", model=CLTConfig(num_features=4_000_000, activation_fn="batchtopk", k=4))
     with pytest.raises(CLTError, match=r"needs about .* GB per rank but the machine has .* GB: lower"):
         train(huge, progress=False)
