@@ -42,6 +42,7 @@ from clt_core.train.step import TrainStep  # noqa: E402
 SHAPES = {
     "a": {"L": 4, "d": 64, "F": 512, "k": 16, "scope": "global", "B": 512, "steps": 40},
     "b": {"L": 30, "d": 576, "F": 2048, "k": 32, "scope": "per_layer", "B": 1024, "steps": 3},
+    "demo": {"L": 30, "d": 576, "F": 256, "k": 16, "scope": "per_layer", "B": 512, "steps": 10},
     "b4096": {"L": 30, "d": 576, "F": 2048, "k": 32, "scope": "per_layer", "B": 4096, "steps": 3},
 }
 
