@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as clt_core/__init__.py does, before torch is imported
 import torch  # noqa: E402
 
+from clt_core.data.sampler import SamplerConfig  # noqa: E402
 from clt_core.model.clt import CrossLayerTranscoder  # noqa: E402
 from clt_core.model.config import CLTConfig  # noqa: E402
 from clt_core.train.config import TrainConfig  # noqa: E402
@@ -77,7 +78,8 @@ def model_and_step(shape: str, precision: str, dense: bool) -> tuple[CrossLayerT
     )  # fmt: skip
     model = CrossLayerTranscoder(cfg)
     # auxk_coef > 0 with an empty dead mask costs nothing but sends the step down the dense path
-    train_cfg = TrainConfig(model=cfg, precision=precision, auxk_coef=1e-9 if dense else 0.0)
+    sampler = SamplerConfig(batch_size=s["B"])
+    train_cfg = TrainConfig(model=cfg, precision=precision, sampler=sampler, auxk_coef=1e-9 if dense else 0.0)
     return model, TrainStep(model, train_cfg, "cpu")
 
 
