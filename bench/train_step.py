@@ -38,7 +38,7 @@ from clt_core.model.clt import CrossLayerTranscoder  # noqa: E402
 from clt_core.model.config import CLTConfig  # noqa: E402
 from clt_core.train.config import TrainConfig  # noqa: E402
 from clt_core.train.memory import estimate_memory  # noqa: E402
-from clt_core.train.step import TrainStep  # noqa: E402
+from clt_core.train.step import TrainStep, uses_sparse_path  # noqa: E402
 
 SHAPES = {
     "a": {"L": 4, "d": 64, "F": 512, "k": 16, "scope": "global", "B": 512, "steps": 40},
@@ -70,17 +70,21 @@ def memory_bandwidth(repeats: int = 5) -> float:
     return 3 * a.numel() * 4 / statistics.median(times)
 
 
-def model_and_step(shape: str, precision: str, dense: bool) -> tuple[CrossLayerTranscoder, TrainStep]:
+def train_config(shape: str, precision: str, dense: bool) -> TrainConfig:
     s = SHAPES[shape]
     cfg = CLTConfig(
         num_layers=s["L"], d_model=s["d"], num_features=s["F"], activation_fn="batchtopk", k=s["k"],
         topk_scope=s["scope"],
     )  # fmt: skip
-    model = CrossLayerTranscoder(cfg)
     # auxk_coef > 0 with an empty dead mask costs nothing but sends the step down the dense path
     sampler = SamplerConfig(batch_size=s["B"])
-    train_cfg = TrainConfig(model=cfg, precision=precision, sampler=sampler, auxk_coef=1e-9 if dense else 0.0)
-    return model, TrainStep(model, train_cfg, "cpu")
+    return TrainConfig(model=cfg, precision=precision, sampler=sampler, auxk_coef=1e-9 if dense else 0.0)
+
+
+def model_and_step(shape: str, precision: str, dense: bool) -> tuple[CrossLayerTranscoder, TrainStep]:
+    cfg = train_config(shape, precision, dense)
+    model = CrossLayerTranscoder(cfg.model)
+    return model, TrainStep(model, cfg, "cpu")
 
 
 def run(shape: str, precision: str, dense: bool, profile: bool) -> dict[str, float]:
@@ -113,8 +117,8 @@ def run(shape: str, precision: str, dense: bool, profile: bool) -> dict[str, flo
 
 def estimated_peak(shape: str, precision: str, dense: bool) -> float:
     """`clt train`'s estimate for this step, without the sampler's windows (the bench has no sampler)."""
-    _, step = model_and_step(shape, precision, dense)
-    estimate = estimate_memory(step.model.config, step.config, sparse=step.sparse)
+    cfg = train_config(shape, precision, dense)
+    estimate = estimate_memory(cfg.model, cfg, sparse=uses_sparse_path(cfg))
     return (estimate.total - estimate.data) / 2**20
 
 

@@ -44,24 +44,33 @@ def jumprelu(z: torch.Tensor, log_threshold: torch.Tensor, bandwidth: float) -> 
     return JumpReLU.apply(z, log_threshold.exp().to(z.dtype), bandwidth)
 
 
-def largest(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """The `count` largest values of each row of `scores [G, N]`, unordered, `[G, count]`.
+def is_long_row(length: int, count: int) -> bool:
+    """Whether picking the `count` largest of `length` values is worth `positions_above_floor` instead of `topk`."""
+    return length > 65536 and count <= length // 8
+
+
+def positions_above_floor(row: torch.Tensor, count: int) -> torch.Tensor | None:
+    """Positions (ascending) of the entries of a long `row` at or above a floor a little below its `count`-th largest
+    value, in one pass over the row; None when the sample was unlucky (fewer than `count` entries above it).
 
     For long rows (batchtopk ranks up to B·L·F values) a full `topk` is slow on CPU; instead a strided sample of the
-    row gives a threshold a little below the count-th largest value, and `topk` runs on the few values above it.
-    The result is the same; should a sample be unlucky (fewer than `count` values above), the row falls back to a
-    plain `topk`."""
-    N = scores.shape[1]
-    if N <= 65536 or count > N // 8:
+    row gives the floor, and only the ~20 % more than `count` entries above it are ranked."""
+    stride = len(row) // 16384
+    sample = row[::stride].sort(descending=True).values
+    floor = sample[min(len(sample) - 1, int(count / stride * 1.2) + 16)]  # expect ~20 % (and 16 samples) spare
+    positions = (row >= floor).nonzero().squeeze(1)
+    return positions if len(positions) >= count else None
+
+
+def largest(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """The `count` largest values of each row of `scores [G, N]`, unordered, `[G, count]` (long rows ranked through
+    `positions_above_floor`, falling back to a plain `topk` when its sample was unlucky)."""
+    if not is_long_row(scores.shape[1], count):
         return scores.topk(count, dim=1, sorted=False).values
-    stride = N // 16384
-    sample = scores[:, ::stride].sort(dim=1, descending=True).values
-    rank = min(sample.shape[1] - 1, int(count / stride * 1.2) + 16)  # expect ~20 % (and 16 samples) spare
-    floor = sample[:, rank : rank + 1]
     out = []
-    for row, t in zip(scores, floor, strict=True):
-        above = row[row >= t]
-        out.append(above.topk(count, sorted=False).values if len(above) >= count else row.topk(count).values)
+    for row in scores:
+        positions = positions_above_floor(row, count)
+        out.append((row if positions is None else row[positions]).topk(count, sorted=False).values)
     return torch.stack(out)
 
 

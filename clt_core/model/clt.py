@@ -143,11 +143,6 @@ class CrossLayerTranscoder(nn.Module):
         acts = self.activate(pre)
         return CLTOutput(self.decode(acts, pre), acts, pre)
 
-    @property
-    def has_sparse_forward(self) -> bool:
-        """Whether `sparse_forward` applies: activations that pick a fixed count of entries (topk, batchtopk)."""
-        return self.config.activation_fn in ("batchtopk", "topk")
-
     def compute_weights(self, dtype: torch.dtype) -> ComputeWeights:
         """A copy of the encoder and decoders in `dtype`, laid out for `sparse_forward`."""
         return ComputeWeights(self, dtype)

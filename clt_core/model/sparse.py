@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F_
 
+from clt_core.model.activations import is_long_row, positions_above_floor
 from clt_core.model.parallel import FeatureShards
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -122,18 +123,13 @@ def _candidates(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     """Values and positions `[G, c]` of at least the `count` largest entries of each row of `scores [G, N]`
     (c = min(count, N) unless more are returned), positions ascending within each row.
 
-    A long single row (batchtopk ranks B·F or B·L·F values) is not sorted: a strided sample gives a floor a little
-    below the count-th largest value, and only the entries above it (~20 % more than `count`) are returned, in
-    one pass over the row. Should the sample be unlucky (fewer than `count` above it), `topk` decides."""
+    A long single row (batchtopk ranks B·F or B·L·F values) is not sorted: only the entries above a sampled floor
+    (`positions_above_floor`, ~20 % more than `count`) are returned. Should the sample be unlucky, `topk` decides."""
     G, N = scores.shape
-    if G == 1 and N > 65536 and count <= N // 8:
-        row = scores[0]
-        stride = N // 16384
-        sample = row[::stride].sort(descending=True).values
-        floor = sample[min(len(sample) - 1, int(count / stride * 1.2) + 16)]
-        positions = (row >= floor).nonzero().squeeze(1)
-        if len(positions) >= count:
-            return row[positions][None], positions[None]
+    if G == 1 and is_long_row(N, count):
+        positions = positions_above_floor(scores[0], count)
+        if positions is not None:
+            return scores[0][positions][None], positions[None]
     values, positions = scores.topk(min(count, N), dim=1, sorted=False)
     positions, order = positions.sort(dim=1)
     return values.gather(1, order), positions
@@ -235,7 +231,7 @@ class SampledDots:
 class _Encode(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, b: torch.Tensor, weights: ComputeWeights, select: Selector, grad_W: bool
+        ctx: Any, x: torch.Tensor, b: torch.Tensor, weights: ComputeWeights, select: Selector
     ) -> tuple[Any, ...]:
         """`x [L, B, d]` (compute dtype), `b [L, F]` -> values, tokens, features, layer sizes."""
         W = weights.W_enc
@@ -261,14 +257,14 @@ class _Encode(torch.autograd.Function):
         sizes = torch.tensor([len(i) for i in flat])
         ctx.save_for_backward(x, tokens, features, sizes)
         ctx.mark_non_differentiable(tokens, features, sizes)
-        ctx.weights, ctx.grad_W = weights, grad_W
+        ctx.weights = weights
         return torch.cat(values), tokens, features, sizes
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
         x, tokens, features, sizes = ctx.saved_tensors
         L, Fl, _ = ctx.weights.W_enc.shape
-        dW = ctx.weights.grad_buffer(0) if ctx.grad_W else None
+        dW = ctx.weights.grad_buffer(0)
         db = torch.zeros(L, Fl, dtype=torch.float32, device=x.device)
         start = 0
         for layer, size in enumerate(sizes.tolist()):
@@ -276,10 +272,9 @@ class _Encode(torch.autograd.Function):
             start += size
             f, g = features[part], grad[part]
             db[layer].index_add_(0, f, g.float())
-            if dW is not None:
-                order = torch.argsort(f, stable=True)
-                dW[layer] = gather_sum(x[layer], tokens[part][order], bag_offsets(f[order], Fl), g[order])
-        return None, db, None, None, None
+            order = torch.argsort(f, stable=True)
+            dW[layer] = gather_sum(x[layer], tokens[part][order], bag_offsets(f[order], Fl), g[order])
+        return None, db, None, None
 
 
 def _decode_into(out: torch.Tensor, values: torch.Tensor, acts: SparseActs, weights: ComputeWeights) -> None:
@@ -354,7 +349,7 @@ def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select
     B, L, d = x.shape  # layer-major rows: bf16 matmuls on strided rows leave oneDNN's fast path
     xl = weights.workspace("inputs", (L, B, d), weights.dtype) if torch.is_grad_enabled() else None
     xl = xl.copy_(x.transpose(0, 1)) if xl is not None else x.transpose(0, 1).to(weights.dtype).contiguous()
-    values, tokens, features, sizes = _Encode.apply(xl, b_enc, weights, select, torch.is_grad_enabled())
+    values, tokens, features, sizes = _Encode.apply(xl, b_enc, weights, select)
     ptr = [0]
     for n in sizes.tolist():
         ptr.append(ptr[-1] + n)

@@ -67,6 +67,22 @@ def step_losses(out: Path) -> dict[int, float]:
     return dict(logged(out))
 
 
+def planted_run(data: str, out: Path, steps: int, **kw: object) -> TrainConfig:
+    """The planted-dictionary run: F=256 batchtopk k=4 on a 4-layer store, evaluated once at the end."""
+    return config(
+        data,
+        out,
+        model=CLTConfig(num_features=256, activation_fn="batchtopk", k=4),
+        sampler=SamplerConfig(batch_size=512, holdout_fraction=0.1, buffer_chunks=4),
+        training_steps=steps,
+        learning_rate=3e-3,
+        eval_interval=steps,
+        checkpoint_interval=steps,
+        eval_rows=4096,
+        **kw,
+    )
+
+
 def test_bf16_reaches_the_float32_quality_on_a_planted_dictionary(tmp_path: Path) -> None:
     """Same data, same steps: bf16's held-out NMSE within 0.005 of float32's, and exactly k per token on average."""
     data = synthetic(
@@ -74,19 +90,7 @@ def test_bf16_reaches_the_float32_quality_on_a_planted_dictionary(tmp_path: Path
     )
     results = {}
     for precision in ("fp32", "bf16"):
-        cfg = config(
-            data,
-            tmp_path / precision,
-            model=CLTConfig(num_features=256, activation_fn="batchtopk", k=4),
-            sampler=SamplerConfig(batch_size=512, holdout_fraction=0.1, buffer_chunks=4),
-            training_steps=300,
-            learning_rate=3e-3,
-            log_interval=10,
-            eval_interval=300,
-            checkpoint_interval=300,
-            eval_rows=4096,
-            precision=precision,
-        )
+        cfg = planted_run(data, tmp_path / precision, 300, log_interval=10, precision=precision)
         results[precision] = train(cfg, progress=False)
     nmse = {p: r.evaluation["mean_nmse"] for p, r in results.items()}
     print(f"planted dictionary, held-out mean NMSE: {nmse}")
@@ -98,18 +102,7 @@ def test_bf16_reaches_the_float32_quality_on_a_planted_dictionary(tmp_path: Path
 
 def test_a_planted_dictionary_is_recovered(tmp_path: Path) -> None:
     data = synthetic(str(tmp_path / "planted"), rows=16384, num_layers=4, d_model=64, num_features=128)
-    cfg = config(
-        data,
-        tmp_path / "run",
-        model=CLTConfig(num_features=256, activation_fn="batchtopk", k=4),
-        sampler=SamplerConfig(batch_size=512, holdout_fraction=0.1, buffer_chunks=4),
-        training_steps=400,
-        learning_rate=3e-3,
-        log_interval=50,
-        eval_interval=400,
-        checkpoint_interval=400,
-        eval_rows=4096,
-    )
+    cfg = planted_run(data, tmp_path / "run", 400, log_interval=50)
     result = train(cfg, progress=False)
     ev = result.evaluation
     print(f"planted dictionary: held-out NMSE per layer {ev['nmse']}, L0 {ev['total_l0']:.2f}")
