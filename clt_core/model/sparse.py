@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F_
 
+from clt_core.model import kernels
 from clt_core.model.activations import is_long_row, positions_above_floor
 from clt_core.model.parallel import FeatureShards
 
@@ -142,9 +143,12 @@ def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> tup
     G = scores.shape[0]
     values, positions = _candidates(scores, count)
     if shards.world_size == 1:
-        if values.shape[1] > count:  # the count largest; ties by position (a stable sort keeps positions ascending)
-            keep = values.sort(dim=1, descending=True, stable=True).indices[:, :count].sort(dim=1).values
-            positions = positions.gather(1, keep)
+        if values.shape[1] > count:  # the count largest; ties by position (positions ascend within rows)
+            threshold = values.kthvalue(values.shape[1] - count + 1, dim=1, keepdim=True).values
+            above, ties = values > threshold, values == threshold
+            need = count - above.sum(dim=1, keepdim=True)
+            rows, cols = (above | (ties & (ties.cumsum(dim=1) <= need))).nonzero(as_tuple=True)
+            return rows, positions[rows, cols]
         rows = torch.arange(G, device=scores.device).repeat_interleave(positions.shape[1])
         return rows, positions.reshape(-1)
     top = values.topk(min(count, values.shape[1]), dim=1).values
@@ -195,11 +199,16 @@ class Selector:
 # -- gather kernels ----------------------------------------------------------------------------------------------------
 
 
+def group_bounds(groups: torch.Tensor, count: int) -> torch.Tensor:
+    """Start of each group's run in a sorted `groups` vector, and the end, `[count + 1]` (CSR row pointers)."""
+    bounds = torch.zeros(count + 1, dtype=torch.int64, device=groups.device)
+    bounds[1:] = torch.bincount(groups, minlength=count).cumsum(0)
+    return bounds
+
+
 def bag_offsets(groups: torch.Tensor, count: int) -> torch.Tensor:
     """Start of each group's run in a sorted `groups` vector, `[count]` (embedding-bag offsets)."""
-    starts = torch.zeros(count, dtype=torch.int64, device=groups.device)
-    starts[1:] = torch.bincount(groups, minlength=count)[:-1].cumsum(0)
-    return starts
+    return group_bounds(groups, count)[:-1]
 
 
 def gather_sum(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -280,9 +289,13 @@ class _Encode(torch.autograd.Function):
 def _decode_into(out: torch.Tensor, values: torch.Tensor, acts: SparseActs, weights: ComputeWeights) -> None:
     """`out [L, B, d]` (float32, zeroed or holding a bias) += this rank's reconstruction of the active entries."""
     W_dec, batch = weights.W_dec, out.shape[1]
+    compiled = kernels.available(W_dec[0])
     for s in range(len(W_dec)):
         part = acts.layer(s)
         rows, v = acts.features[part], values[part]
+        if compiled:
+            kernels.decode(out[s:], W_dec[s], group_bounds(acts.tokens[part], batch), rows, v.detach().float())
+            continue
         offsets = bag_offsets(acts.tokens[part], batch)
         for t in range(s, len(W_dec)):
             out[t] += gather_sum(W_dec[s][t - s], rows, offsets, v)
@@ -328,13 +341,19 @@ class _DecodeLoss(torch.autograd.Function):
         grad_b_dec = grad.sum(dim=1)
         g_low = weights.workspace("grad_low", (L, B, d), weights.dtype)
         g_low.copy_(grad)
-        grad_values = torch.zeros_like(values)
+        grad_values = torch.empty_like(values)  # every layer's part is written below
+        compiled = kernels.available(W_dec[0])
         for s in range(L):
             part = slice(ctx.ptr[s], ctx.ptr[s + 1])
             f, tok, v = features[part], tokens[part], values[part]
             order = torch.argsort(f, stable=True)
-            f_offsets, tok_by_f, v_by_f = bag_offsets(f[order], Fl), tok[order], v[order]
+            tok_by_f, v_by_f = tok[order], v[order]
             dW = weights.grad_buffer(1 + s)
+            if compiled:  # the activations' gradients from the bf16 loss gradient here
+                dots = kernels.decoder_backward(g_low[s:], W_dec[s], dW, group_bounds(f[order], Fl), tok_by_f, v_by_f)
+                grad_values[part] = torch.empty_like(dots).index_copy_(0, order, dots)
+                continue
+            f_offsets = bag_offsets(f[order], Fl)
             acc = torch.zeros(len(f), dtype=torch.float32, device=values.device)
             dots = SampledDots(tok, f, B, Fl)
             for t in range(s, L):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clt_core.model import kernels
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.parallel import FeatureShards
@@ -57,12 +58,20 @@ def test_float32_gradients_equal_the_dense_reference(activation: str, scope: str
         torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-kernels", "pytorch-kernels"])
 @pytest.mark.parametrize(("activation", "scope"), COMBOS)
-def test_bf16_gradients_are_within_a_stated_tolerance(activation: str, scope: str) -> None:
+def test_bf16_gradients_are_within_a_stated_tolerance(
+    activation: str, scope: str, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bf16 compute copies round weights, activations and the error to 8 bits of mantissa (relative 2^-9 each):
-    outputs and gradients stay within 1 % of float32 in norm. The biases make the winners clear (a gap of ~1 at the
-    threshold), so both select the same entries; entries that bf16 rounding swaps at a threshold are another matter
-    (the planted-set training test bounds their effect on quality)."""
+    outputs and gradients stay within 1 % of float32 in norm, with the compiled decoder kernels (model/kernels.c) and
+    with PyTorch's. The biases make the winners clear (a gap of ~1 at the threshold), so both select the same
+    entries; entries that bf16 rounding swaps at a threshold are another matter (the planted-set training test bounds
+    their effect on quality)."""
+    if compiled and not kernels.available(torch.empty(0, dtype=torch.bfloat16)):
+        pytest.skip("no C compiler")
+    if not compiled:
+        monkeypatch.setattr(kernels, "available", lambda weights: False)
     torch.manual_seed(0)
     model = model_of(activation, scope, F=256)
     with torch.no_grad():

@@ -1,0 +1,229 @@
+/* The sparse decoder's kernels for bf16 weights on the CPU, one call per source layer (see kernels.py).
+ *
+ * decode:   out[t][b] += sum_j val[j] * W[t][feat[j]]                for the entries j of token b (token-major)
+ * backward: dots[j]    = sum_t G[t][tok[j]] . W[t][f]                 for the entries j of feature f (feature-major)
+ *           dW[t][f]   = sum_j val[j] * G[t][tok[j]]
+ * t runs over the source's targets, W[t] is the block [F, d] from the source to its t-th target, G[t] [B, d] the loss
+ * gradient of that target's reconstruction. The backward pass reads each gradient row once for both outputs (the
+ * PyTorch path reads it twice, in a sampled product and an embedding bag). Accumulation is float32; the threads split
+ * the tokens (decode) or features (backward) by their entries, and each walks the targets in order, so one block of W
+ * at a time is in cache. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+typedef uint16_t bf16;
+
+static inline float to_f32(bf16 h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 to_bf16(float f) { /* round to nearest even, NaN kept */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
+/* -- threads: part i of n gets the groups [lo, hi) holding entries [i*nnz/n, (i+1)*nnz/n) of a CSR pointer array -- */
+
+typedef struct {
+    void (*fn)(void *, int64_t, int64_t);
+    void *args;
+    int64_t lo, hi;
+} part_t;
+
+static void *run_part(void *p) {
+    part_t *part = (part_t *)p;
+    part->fn(part->args, part->lo, part->hi);
+    return NULL;
+}
+
+static int64_t first_group_at(const int64_t *ptr, int64_t groups, int64_t entry) { /* min g with ptr[g] >= entry */
+    int64_t lo = 0, hi = groups;
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (ptr[mid] < entry) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+static void parallel_over(void (*fn)(void *, int64_t, int64_t), void *args, const int64_t *ptr, int64_t groups,
+                          int threads) {
+    enum { MAX_THREADS = 256 };
+    part_t parts[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    int64_t nnz = ptr[groups];
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    if (threads < 1 || nnz < 4096) threads = 1;
+    for (int i = 0; i < threads; i++) {
+        parts[i].fn = fn;
+        parts[i].args = args;
+        parts[i].lo = i == 0 ? 0 : first_group_at(ptr, groups, nnz * i / threads);
+        parts[i].hi = i == threads - 1 ? groups : first_group_at(ptr, groups, nnz * (i + 1) / threads);
+    }
+    for (int i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, run_part, &parts[i]) == 0;
+    run_part(&parts[0]);
+    for (int i = 1; i < threads; i++) {
+        if (started[i]) pthread_join(ids[i], NULL);
+        else run_part(&parts[i]); /* no thread to be had: do its part here */
+    }
+}
+
+/* -- decode -------------------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    float *out;
+    int64_t out_target_stride, out_row_stride;
+    const bf16 *W;
+    int64_t W_target_stride, targets;
+    const int64_t *ptr, *feat;
+    const float *val;
+    int64_t d;
+} decode_args;
+
+#define AHEAD 4 /* entries ahead whose rows are prefetched */
+
+#ifdef __AVX512F__
+static inline __m512 widen(const bf16 *x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+/* Columns [i, i + 16·NV) of one token's row: outputs in registers over all its entries. */
+#define DECODE_COLUMNS(NV)                                                                              \
+    static inline void decode_columns_##NV(float *row, const bf16 *W, const int64_t *feat, const float *val,  \
+                                           int64_t start, int64_t end, int64_t last, int64_t i, int64_t d) {  \
+        __m512 o[NV];                                                                                   \
+        for (int k = 0; k < NV; k++) o[k] = _mm512_loadu_ps(row + i + 16 * k);                          \
+        for (int64_t j = start; j < end; j++) {                                                         \
+            if (j + AHEAD < last) _mm_prefetch((const char *)(W + feat[j + AHEAD] * d + i), _MM_HINT_T0); \
+            const bf16 *w = W + feat[j] * d + i;                                                        \
+            const __m512 v = _mm512_set1_ps(val[j]);                                                    \
+            for (int k = 0; k < NV; k++) o[k] = _mm512_fmadd_ps(v, widen(w + 16 * k), o[k]);            \
+        }                                                                                               \
+        for (int k = 0; k < NV; k++) _mm512_storeu_ps(row + i + 16 * k, o[k]);                          \
+    }
+DECODE_COLUMNS(8)
+DECODE_COLUMNS(1)
+#endif
+
+static void decode_part(void *p, int64_t lo, int64_t hi) {
+    const decode_args *a = (const decode_args *)p;
+    const int64_t d = a->d, last = a->ptr[hi];
+    for (int64_t t = 0; t < a->targets; t++) {
+        const bf16 *W = a->W + t * a->W_target_stride;
+        for (int64_t b = lo; b < hi; b++) {
+            float *row = a->out + t * a->out_target_stride + b * a->out_row_stride;
+            const int64_t start = a->ptr[b], end = a->ptr[b + 1];
+            int64_t i = 0;
+#ifdef __AVX512F__
+            for (; i + 128 <= d; i += 128) decode_columns_8(row, W, a->feat, a->val, start, end, last, i, d);
+            for (; i + 16 <= d; i += 16) decode_columns_1(row, W, a->feat, a->val, start, end, last, i, d);
+#endif
+            for (; i < d; i++) {
+                float o = row[i];
+                for (int64_t j = start; j < end; j++) o += a->val[j] * to_f32(W[a->feat[j] * d + i]);
+                row[i] = o;
+            }
+        }
+    }
+}
+
+void clt_decode(float *out, int64_t out_target_stride, int64_t out_row_stride, const bf16 *W, int64_t W_target_stride,
+                int64_t targets, const int64_t *ptr, const int64_t *feat, const float *val, int64_t tokens, int64_t d,
+                int threads) {
+    decode_args a = {out, out_target_stride, out_row_stride, W, W_target_stride, targets, ptr, feat, val, d};
+    parallel_over(decode_part, &a, ptr, tokens, threads);
+}
+
+/* -- backward ------------------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    const bf16 *G;
+    int64_t G_target_stride;
+    const bf16 *W;
+    bf16 *dW;
+    int64_t W_target_stride, targets;
+    const int64_t *ptr, *tok;
+    const float *val;
+    float *dots;
+    int64_t d;
+} backward_args;
+
+#ifdef __AVX512F__
+/* Columns [i, i + 16·NV) of one feature: its weights and weight gradient in registers over all its entries. */
+#define BACKWARD_COLUMNS(NV)                                                                                 \
+    static inline void backward_columns_##NV(const bf16 *G, const bf16 *wf, bf16 *dw, const int64_t *tok,    \
+                                             const float *val, float *dots, int64_t start, int64_t end,       \
+                                             int64_t last, int64_t i, int64_t d) {                            \
+        __m512 w[NV], acc[NV];                                                                               \
+        for (int k = 0; k < NV; k++) w[k] = widen(wf + i + 16 * k), acc[k] = _mm512_setzero_ps();            \
+        for (int64_t j = start; j < end; j++) {                                                              \
+            if (j + AHEAD < last) _mm_prefetch((const char *)(G + tok[j + AHEAD] * d + i), _MM_HINT_T0);      \
+            const bf16 *g = G + tok[j] * d + i;                                                              \
+            const __m512 v = _mm512_set1_ps(val[j]);                                                         \
+            __m512 dot = _mm512_setzero_ps();                                                                \
+            for (int k = 0; k < NV; k++) {                                                                   \
+                const __m512 x = widen(g + 16 * k);                                                          \
+                dot = _mm512_fmadd_ps(x, w[k], dot);                                                         \
+                acc[k] = _mm512_fmadd_ps(v, x, acc[k]);                                                      \
+            }                                                                                                \
+            dots[j] += _mm512_reduce_add_ps(dot);                                                            \
+        }                                                                                                    \
+        for (int k = 0; k < NV; k++) {                                                                       \
+            float tmp[16];                                                                                   \
+            _mm512_storeu_ps(tmp, acc[k]);                                                                   \
+            for (int e = 0; e < 16; e++) dw[i + 16 * k + e] = to_bf16(tmp[e]);                               \
+        }                                                                                                    \
+    }
+BACKWARD_COLUMNS(8)
+BACKWARD_COLUMNS(1)
+#endif
+
+static void backward_part(void *p, int64_t lo, int64_t hi) {
+    const backward_args *a = (const backward_args *)p;
+    const int64_t d = a->d, last = a->ptr[hi];
+    for (int64_t j = a->ptr[lo]; j < last; j++) a->dots[j] = 0.0f;
+    for (int64_t t = 0; t < a->targets; t++) {
+        const bf16 *G = a->G + t * a->G_target_stride;
+        for (int64_t f = lo; f < hi; f++) {
+            const bf16 *wf = a->W + t * a->W_target_stride + f * d;
+            bf16 *dw = a->dW + t * a->W_target_stride + f * d;
+            const int64_t start = a->ptr[f], end = a->ptr[f + 1];
+            int64_t i = 0;
+#ifdef __AVX512F__
+            for (; i + 128 <= d; i += 128)
+                backward_columns_8(G, wf, dw, a->tok, a->val, a->dots, start, end, last, i, d);
+            for (; i + 16 <= d; i += 16)
+                backward_columns_1(G, wf, dw, a->tok, a->val, a->dots, start, end, last, i, d);
+#endif
+            for (; i < d; i++) {
+                const float wi = to_f32(wf[i]);
+                float acc = 0.0f;
+                for (int64_t j = start; j < end; j++) {
+                    const float x = to_f32(G[a->tok[j] * d + i]);
+                    a->dots[j] += x * wi;
+                    acc += a->val[j] * x;
+                }
+                dw[i] = to_bf16(acc);
+            }
+        }
+    }
+}
+
+void clt_decoder_backward(const bf16 *G, int64_t G_target_stride, const bf16 *W, bf16 *dW, int64_t W_target_stride,
+                          int64_t targets, const int64_t *ptr, const int64_t *tok, const float *val, float *dots,
+                          int64_t features, int64_t d, int threads) {
+    backward_args a = {G, G_target_stride, W, dW, W_target_stride, targets, ptr, tok, val, dots, d};
+    parallel_over(backward_part, &a, ptr, features, threads);
+}

@@ -1,0 +1,117 @@
+"""The sparse decoder's compiled CPU kernels for bf16 weights (kernels.c), one call per source layer.
+
+PyTorch's kernels for the decoder (embedding bags and MKL's sampled product, model/sparse.py) read every active
+entry's weight row from cache at a fraction of this CPU's rate, convert each bf16 block to float32 first, and read
+the loss gradient twice in backward. kernels.c does the same arithmetic in one pass per kernel, accumulating into the
+caller's buffers. It is compiled on first use with the system's C compiler (`cc`, ~1 s) for this CPU
+(`-march=native`) and cached under `$CLT_CACHE_DIR` (default `~/.cache/clt-pipeline`); without a compiler, or with
+`CLT_CPU_KERNELS=0`, `available()` is False and the PyTorch kernels run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("CLT_CACHE_DIR") or Path.home() / ".cache" / "clt-pipeline") / "kernels"
+
+
+def _build() -> Path | None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.machine(), platform.node()]).encode())
+    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: ranks may race
+        built = Path(tmp) / target.name
+        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if result.returncode != 0:
+            log.warning("the CPU kernels did not compile (%s); using PyTorch's", result.stderr.strip()[:200])
+            return None
+        os.replace(built, target)
+    return target
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("CLT_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        path = _build()
+        if path is None:
+            return None
+        lib = ctypes.CDLL(str(path))
+    except OSError as exc:
+        log.warning("the CPU kernels could not be loaded (%s); using PyTorch's", exc)
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.clt_decode.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.clt_decoder_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    return lib
+
+
+def available(weights: torch.Tensor) -> bool:
+    """Whether the kernels apply to decoder weights like `weights` (bf16 on the CPU) and could be built."""
+    return weights.device.type == "cpu" and weights.dtype == torch.bfloat16 and _library() is not None
+
+
+def _check(*tensors: tuple[torch.Tensor, torch.dtype]) -> None:
+    for tensor, dtype in tensors:
+        if tensor.dtype != dtype or not tensor.is_contiguous():
+            raise ValueError(f"kernel operand of {tensor.dtype} {tuple(tensor.shape)}: {dtype}, contiguous expected")
+
+
+def _call(name: str, *args: torch.Tensor | int) -> None:
+    """Kernel `name` on `args` (tensors passed by address), on all of PyTorch's threads."""
+    lib = _library()
+    assert lib is not None
+    pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
+    getattr(lib, name)(*pointers, torch.get_num_threads())
+
+
+def decode(out: torch.Tensor, W: torch.Tensor, ptr: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> None:
+    """`out[t, b] += Σ_j values[j]·W[t, features[j]]` over the entries `[ptr[b], ptr[b+1])` of token b, for every
+    target t: `out [T, B, d]` float32, `W [T, F, d]` bf16 (one source's blocks), `ptr [B+1]`, entries token-major."""
+    T, B, d = out.shape
+    _check((out, torch.float32), (W, torch.bfloat16), (ptr, torch.int64), (features, torch.int64),
+           (values, torch.float32))  # fmt: skip
+    if W.shape[0] != T or W.shape[2] != d or ptr.shape[0] != B + 1:
+        raise ValueError(f"decode: out {tuple(out.shape)}, W {tuple(W.shape)}, ptr {tuple(ptr.shape)}")
+    _call("clt_decode", out, B * d, d, W, W.shape[1] * d, T, ptr, features, values, B, d)
+
+
+def decoder_backward(
+    G: torch.Tensor, W: torch.Tensor, dW: torch.Tensor, ptr: torch.Tensor, tokens: torch.Tensor, values: torch.Tensor
+) -> torch.Tensor:
+    """For the entries `[ptr[f], ptr[f+1])` of feature f (feature-major): `dW[t, f] = Σ_j values[j]·G[t, tokens[j]]`
+    (all of `dW` is written) and the returned `dots[j] = Σ_t G[t, tokens[j]]·W[t, f]` (float32): `G [T, B, d]` the
+    loss gradient of the source's targets, `W`, `dW [T, F, d]` bf16."""
+    T, F, d = W.shape
+    _check((G, torch.bfloat16), (W, torch.bfloat16), (dW, torch.bfloat16), (ptr, torch.int64), (tokens, torch.int64),
+           (values, torch.float32))  # fmt: skip
+    if G.shape[0] != T or G.shape[2] != d or dW.shape != W.shape or ptr.shape[0] != F + 1:
+        raise ValueError(f"decoder_backward: G {tuple(G.shape)}, W {tuple(W.shape)}, ptr {tuple(ptr.shape)}")
+    dots = torch.empty(len(tokens), dtype=torch.float32)
+    _call("clt_decoder_backward", G, G.shape[1] * d, W, dW, F * d, T, ptr, tokens, values, dots, F, d)
+    return dots

@@ -1,0 +1,62 @@
+"""The compiled CPU kernels of the sparse decoder (model/kernels.c) against a float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clt_core.model import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(torch.empty(0, dtype=torch.bfloat16)), reason="no C compiler")
+
+
+def entries(groups: int, per_group: int, columns: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CSR pointers `[groups+1]`, column indices and positive values of a random pattern with uneven groups."""
+    gen = torch.Generator().manual_seed(seed)
+    counts = torch.randint(0, 2 * per_group + 1, (groups,), generator=gen)
+    ptr = torch.zeros(groups + 1, dtype=torch.int64)
+    ptr[1:] = counts.cumsum(0)
+    cols = torch.randint(0, columns, (int(ptr[-1]),), generator=gen)
+    return ptr, cols, torch.rand(len(cols), generator=gen) + 0.1
+
+
+# d: the vector path (a multiple of 128), its 16-wide tail, and the scalar tail; 3,000 entries run on one thread,
+# 40,000 on all of them
+@pytest.mark.parametrize(("d", "B", "k"), [(128, 300, 10), (80, 2000, 20), (40, 300, 10), (576, 2000, 20)])
+def test_decode_equals_the_float64_reference(d: int, B: int, k: int) -> None:
+    T, F = 3, 96
+    ptr, feat, val = entries(B, k, F, seed=d)
+    W = torch.randn(T, F, d).bfloat16()
+    start = torch.randn(T, B, d)
+    out = start.clone()
+    kernels.decode(out, W, ptr, feat, val)
+    tok = torch.repeat_interleave(torch.arange(B), torch.diff(ptr))
+    expected = start.double().index_add(1, tok, val.double()[None, :, None] * W.double()[:, feat])
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(("d", "B", "k"), [(128, 300, 10), (80, 2000, 20), (40, 300, 10), (576, 2000, 20)])
+def test_decoder_backward_equals_the_float64_reference(d: int, B: int, k: int) -> None:
+    T, F = 3, 96
+    ptr, tok, val = entries(F, B * k // F, B, seed=d)
+    G, W = torch.randn(T, B, d).bfloat16(), torch.randn(T, F, d).bfloat16()
+    dW = torch.full_like(W, float("nan"))  # every entry must be written
+    dots = kernels.decoder_backward(G, W, dW, ptr, tok, val)
+    feat = torch.repeat_interleave(torch.arange(F), torch.diff(ptr))
+    Gd, Wd = G.double(), W.double()
+    expected_dots = (Gd[:, tok] * Wd[:, feat]).sum(dim=(0, 2))
+    expected_dW = torch.zeros(T, F, d, dtype=torch.float64).index_add(1, feat, val.double()[None, :, None] * Gd[:, tok])
+    torch.testing.assert_close(dots.double(), expected_dots, rtol=1e-5, atol=1e-4)
+    # dW is rounded to bf16 once (2^-9 relative), after a float32 sum (whose error shows where terms cancel)
+    torch.testing.assert_close(dW.double(), expected_dW, rtol=2**-8, atol=1e-5 * float(expected_dW.abs().max()))
+
+
+def test_operands_of_the_wrong_dtype_or_layout_are_refused() -> None:
+    ptr, feat, val = entries(8, 2, 16, seed=0)
+    W = torch.randn(2, 16, 32).bfloat16()
+    with pytest.raises(ValueError, match="contiguous expected"):
+        kernels.decode(torch.zeros(2, 8, 32, dtype=torch.bfloat16), W, ptr, feat, val)
+    with pytest.raises(ValueError, match="contiguous expected"):
+        kernels.decode(torch.zeros(8, 2, 32).transpose(0, 1), W, ptr, feat, val)
+    with pytest.raises(ValueError, match="decode"):
+        kernels.decode(torch.zeros(2, 9, 32), W, ptr, feat, val)
