@@ -8,10 +8,12 @@
  * PyTorch path reads it twice, in a sampled product and an embedding bag). Accumulation is float32; the threads split
  * the tokens (decode) or features (backward) by their entries, and each walks the targets in order, so one block of W
  * at a time is in cache. */
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -33,19 +35,9 @@ static inline bf16 to_bf16(float f) { /* round to nearest even, NaN kept */
     return (bf16)(u >> 16);
 }
 
-/* -- threads: part i of n gets the groups [lo, hi) holding entries [i*nnz/n, (i+1)*nnz/n) of a CSR pointer array -- */
-
-typedef struct {
-    void (*fn)(void *, int64_t, int64_t);
-    void *args;
-    int64_t lo, hi;
-} part_t;
-
-static void *run_part(void *p) {
-    part_t *part = (part_t *)p;
-    part->fn(part->args, part->lo, part->hi);
-    return NULL;
-}
+/* -- threads: part i of n gets the groups [lo, hi) holding entries [i*nnz/n, (i+1)*nnz/n) of a CSR pointer array.
+ * OpenMP here is PyTorch's own libgomp (already loaded, same soname), so the kernels run on the threads that its
+ * operators just used, not on a second pool competing with them for the cores. -- */
 
 static int64_t first_group_at(const int64_t *ptr, int64_t groups, int64_t entry) { /* min g with ptr[g] >= entry */
     int64_t lo = 0, hi = groups;
@@ -59,24 +51,18 @@ static int64_t first_group_at(const int64_t *ptr, int64_t groups, int64_t entry)
 
 static void parallel_over(void (*fn)(void *, int64_t, int64_t), void *args, const int64_t *ptr, int64_t groups,
                           int threads) {
-    enum { MAX_THREADS = 256 };
-    part_t parts[MAX_THREADS];
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS];
-    int64_t nnz = ptr[groups];
-    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    const int64_t nnz = ptr[groups];
     if (threads < 1 || nnz < 4096) threads = 1;
-    for (int i = 0; i < threads; i++) {
-        parts[i].fn = fn;
-        parts[i].args = args;
-        parts[i].lo = i == 0 ? 0 : first_group_at(ptr, groups, nnz * i / threads);
-        parts[i].hi = i == threads - 1 ? groups : first_group_at(ptr, groups, nnz * (i + 1) / threads);
-    }
-    for (int i = 1; i < threads; i++) started[i] = pthread_create(&ids[i], NULL, run_part, &parts[i]) == 0;
-    run_part(&parts[0]);
-    for (int i = 1; i < threads; i++) {
-        if (started[i]) pthread_join(ids[i], NULL);
-        else run_part(&parts[i]); /* no thread to be had: do its part here */
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int i = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int i = 0, n = 1;
+#endif
+        const int64_t lo = i == 0 ? 0 : first_group_at(ptr, groups, nnz * i / n);
+        const int64_t hi = i == n - 1 ? groups : first_group_at(ptr, groups, nnz * (i + 1) / n);
+        fn(args, lo, hi);
     }
 }
 
@@ -95,6 +81,10 @@ typedef struct {
 #define AHEAD 4 /* entries ahead whose rows are prefetched */
 
 #ifdef __AVX512F__
+static inline void prefetch(const bf16 *x, int n) { /* the cache lines of x[0, n) */
+    for (int i = 0; i < n; i += 32) _mm_prefetch((const char *)(x + i), _MM_HINT_T0);
+}
+
 static inline __m512 widen(const bf16 *x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
@@ -106,7 +96,7 @@ static inline __m512 widen(const bf16 *x) {
         __m512 o[NV];                                                                                   \
         for (int k = 0; k < NV; k++) o[k] = _mm512_loadu_ps(row + i + 16 * k);                          \
         for (int64_t j = start; j < end; j++) {                                                         \
-            if (j + AHEAD < last) _mm_prefetch((const char *)(W + feat[j + AHEAD] * d + i), _MM_HINT_T0); \
+            if (j + AHEAD < last) prefetch(W + feat[j + AHEAD] * d + i, 16 * NV);                        \
             const bf16 *w = W + feat[j] * d + i;                                                        \
             const __m512 v = _mm512_set1_ps(val[j]);                                                    \
             for (int k = 0; k < NV; k++) o[k] = _mm512_fmadd_ps(v, widen(w + 16 * k), o[k]);            \
@@ -169,7 +159,7 @@ typedef struct {
         __m512 w[NV], acc[NV];                                                                               \
         for (int k = 0; k < NV; k++) w[k] = widen(wf + i + 16 * k), acc[k] = _mm512_setzero_ps();            \
         for (int64_t j = start; j < end; j++) {                                                              \
-            if (j + AHEAD < last) _mm_prefetch((const char *)(G + tok[j + AHEAD] * d + i), _MM_HINT_T0);      \
+            if (j + AHEAD < last) prefetch(G + tok[j + AHEAD] * d + i, 16 * NV);                             \
             const bf16 *g = G + tok[j] * d + i;                                                              \
             const __m512 v = _mm512_set1_ps(val[j]);                                                         \
             __m512 dot = _mm512_setzero_ps();                                                                \

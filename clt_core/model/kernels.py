@@ -26,7 +26,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-pthread"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp"]
 
 
 def _cache_dir() -> Path:
