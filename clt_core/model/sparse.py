@@ -246,19 +246,25 @@ class _Encode(torch.autograd.Function):
         W = weights.W_enc
         L, Fl = W.shape[0], W.shape[1]
 
-        def pre(layer: int) -> torch.Tensor:  # float32 (bf16 comparisons and sorts are slow on CPU)
-            if x.dtype == torch.float32:
-                return torch.addmm(b[layer], x[layer], W[layer].t())
-            return torch.mm(x[layer], W[layer].t()).float().add_(b[layer])
+        B = x.shape[1]
 
-        if select.per_layer:
+        def pre(layer: int, out: torch.Tensor) -> torch.Tensor:  # float32 (bf16 comparisons and sorts are slow)
+            if x.dtype == torch.float32:
+                return torch.addmm(b[layer], x[layer], W[layer].t(), out=out)
+            low = torch.mm(x[layer], W[layer].t(), out=weights.workspace("preactivations_low", (B, Fl), x.dtype))
+            return out.copy_(low).add_(b[layer])
+
+        if select.per_layer:  # one layer's pre-activations at a time, in one reused buffer
             values, flat = [], []
+            z_buffer = weights.workspace("preactivations", (B, Fl), torch.float32)
             for layer in range(L):
-                z = pre(layer)
+                z = pre(layer, z_buffer)
                 flat.append(select.layer(z))
                 values.append(z.reshape(-1)[flat[-1]])
         else:
-            z = torch.stack([pre(layer) for layer in range(L)])
+            z = torch.empty(L, B, Fl, dtype=torch.float32, device=x.device)
+            for layer in range(L):
+                pre(layer, z[layer])
             flat = select.all_layers(z)
             values = [z[layer].reshape(-1)[i] for layer, i in enumerate(flat)]
         flat_all = torch.cat(flat)
@@ -266,6 +272,7 @@ class _Encode(torch.autograd.Function):
         sizes = torch.tensor([len(i) for i in flat])
         ctx.save_for_backward(x, tokens, features, sizes)
         ctx.mark_non_differentiable(tokens, features, sizes)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs
         ctx.weights = weights
         return torch.cat(values), tokens, features, sizes
 
@@ -324,7 +331,10 @@ class _DecodeLoss(torch.autograd.Function):
         if shards.world_size > 1:
             shards.all_reduce(out)
         out += b_dec.detach()[:, None]
-        out -= targets.transpose(0, 1)
+        # the targets made layer-major in the (as yet unused) buffer of the backward pass: a float32 temporary of this
+        # size would be a fresh allocation each step, and those stall on page faults and compaction
+        layer_major = weights.workspace("grad_low", (L, B, d), weights.dtype)
+        out -= layer_major.copy_(targets.transpose(0, 1)) if targets.dtype == weights.dtype else targets.transpose(0, 1)
         per_layer = torch.linalg.vector_norm(out, dim=(1, 2)).square() / (B * d)
         ctx.save_for_backward(values, acts.tokens, acts.features)
         ctx.ptr, ctx.weights, ctx.error = acts.ptr, weights, out
