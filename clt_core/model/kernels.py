@@ -4,8 +4,8 @@ PyTorch's kernels for the decoder (embedding bags and MKL's sampled product, mod
 entry's weight row from cache at a fraction of this CPU's rate, convert each bf16 block to float32 first, and read
 the loss gradient twice in backward. kernels.c does the same arithmetic in one pass per kernel, accumulating into the
 caller's buffers. It is compiled on first use with the system's C compiler (`cc`, ~1 s) for this CPU
-(`-march=native`) and cached under `$CLT_CACHE_DIR` (default `~/.cache/clt-pipeline`); without a compiler, or with
-`CLT_CPU_KERNELS=0`, `available()` is False and the PyTorch kernels run.
+(`-march=native`) and kept in the project's cache (clt_core/cache.py, by default `~/.cache/clt-pipeline`); without a
+compiler, or with `CLT_CPU_KERNELS=0`, `available()` is False and the PyTorch kernels run.
 """
 
 from __future__ import annotations
@@ -23,14 +23,12 @@ from pathlib import Path
 
 import torch
 
+from clt_core.cache import cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp"]
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("CLT_CACHE_DIR") or Path.home() / ".cache" / "clt-pipeline") / "kernels"
 
 
 def _build() -> Path | None:
@@ -39,7 +37,7 @@ def _build() -> Path | None:
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(source + " ".join([compiler, *FLAGS, platform.machine(), platform.node()]).encode())
-    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / "kernels" / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
