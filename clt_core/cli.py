@@ -213,9 +213,9 @@ def _analyze_theta(args: argparse.Namespace) -> int:
     from clt_core.convert.theta import threshold_statistics
     from clt_core.errors import ConfigError
     from clt_core.evaluate.plots import plot_thresholds
-    from clt_core.train.checkpoint import load_model
+    from clt_core.model.directory import load
 
-    model = load_model(args.model_dir)
+    model = load(args.model_dir).model
     if model.config.activation_fn != "jumprelu":
         raise ConfigError(f"{args.model_dir} is a {model.config.activation_fn} model: no thresholds; convert it first")
     out = Path(args.out or Path(args.model_dir) / "theta")

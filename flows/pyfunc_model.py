@@ -16,10 +16,9 @@ from mlflow.pyfunc import PythonModel
 class CLTPyfunc(PythonModel):
     # Untyped on purpose: MLflow reads type hints as a schema of lists of instances; the signature is logged instead.
     def load_context(self, context):
-        from clt_core.train.checkpoint import load_model, read_normalizer
+        from clt_core.model.directory import load
 
-        self.model = load_model(context.artifacts["model"]).eval()
-        self.normalizer = read_normalizer(context.artifacts["model"])
+        self.model, self.normalizer, _, _ = load(context.artifacts["model"])
 
     def predict(self, context, model_input, params=None):
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))

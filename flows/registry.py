@@ -156,7 +156,7 @@ def _signature(model_dir: str | Path) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
-    from clt_core.train.checkpoint import read_config
+    from clt_core.model.directory import read_config
 
     config = read_config(Path(model_dir))
     shape = (-1, config.num_layers, config.d_model)

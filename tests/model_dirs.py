@@ -9,7 +9,7 @@ import torch
 from clt_core.data.sampler import Normalizer
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import load_model, save_checkpoint
+from clt_core.model.directory import load, save
 
 L, D, F = 3, 16, 32
 SOURCE = {
@@ -28,11 +28,11 @@ def make_model_dir(path: Path, activation: str = "jumprelu", normalise: bool = T
             model.log_threshold.copy_(torch.rand(L, F).mul(0.2).add(0.01).log())
     norm = Normalizer(torch.randn(L, D) * 3, torch.rand(L, D) * 4 + 0.1, torch.randn(L, D), torch.rand(L, D) + 0.5)
     norm = norm if normalise else None
-    save_checkpoint(path, model, None, None, norm, SOURCE)
+    save(path, model, norm, SOURCE)
     return path, norm
 
 
 def raw_reconstruction(model_dir: Path, norm: Normalizer | None, x: torch.Tensor) -> torch.Tensor:
-    model = load_model(model_dir)
+    model = load(model_dir).model
     y = model(norm.inputs(x) if norm else x).reconstruction
     return norm.raw_targets(y) if norm else y

@@ -9,7 +9,6 @@ step saw. Before, after estimation and after calibration: NMSE, explained varian
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from clt_core.data.sampler import held_out_range, normalized_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
-from clt_core.train.checkpoint import load_model, read_normalizer, read_source, save_checkpoint
+from clt_core.model.directory import full_state, load, write_atomically, write_model
 from clt_core.train.evaluation import reconstruction_metrics
 
 SUMMARY_FILE = "conversion.json"
@@ -85,10 +84,9 @@ def convert(
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    model = load_model(checkpoint, device=config.device)
+    model, normalizer, source, _ = load(checkpoint, device=config.device)
     if model.config.activation_fn not in ("batchtopk", "topk"):
         raise ConfigError(f"{checkpoint} is a {model.config.activation_fn} model; only batchtopk/topk models convert")
-    source, normalizer = read_source(checkpoint), read_normalizer(checkpoint)
     data = data or source.get("data")
     if data is None:
         raise ConfigError(f"{checkpoint} does not say which store it was trained on; pass --data URL")
@@ -174,14 +172,14 @@ def convert(
         **{k: v for k, v in best.items() if k not in ("model", "theta")},
     }
     report["max_l0_miss"] = max(misses)
-    # Written beside `out` and renamed into place: `out` is a whole model directory or absent.
-    tmp = out.with_name(f".{out.name}.converting")
-    shutil.rmtree(tmp, ignore_errors=True)
+    converted = best["model"]
     converted_source = {**source, "data": store.url, "converted_from": str(checkpoint)}
-    save_checkpoint(tmp, best["model"], None, None, normalizer, converted_source)
-    (tmp / SUMMARY_FILE).write_text(json.dumps(report, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+
+    def fill(tmp: Path) -> None:
+        write_model(tmp, converted.config, full_state(converted), normalizer, converted_source)
+        (tmp / SUMMARY_FILE).write_text(json.dumps(report, indent=2))
+
+    write_atomically(out, fill)
     bar.update()
     bar.close()
     return report

@@ -20,7 +20,7 @@ from clt_core.errors import ConfigError
 from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
 from clt_core.evaluate.reconstruction import evaluate_model
 from clt_core.evaluate.spliced import CLTReplacement, spliced_metrics
-from clt_core.train.checkpoint import load_model, read_normalizer, read_source
+from clt_core.model.directory import load
 
 REPORT_FILE = "evaluation.json"
 
@@ -76,9 +76,8 @@ def spliced_report(model_dir: Path, config: EvaluateConfig, progress: bool = Tru
     from clt_core.extract.text import TextConfig, iter_windows, limit_rows
 
     device = resolve_device(config.device)
-    model = load_model(model_dir, device=device).eval()
-    normalizer, source = read_normalizer(model_dir), read_source(model_dir)
-    store = source.get("store", {})
+    model, normalizer, _, _ = trained = load(model_dir, device=device)
+    store = trained.store_info
     spec = config.model or store.get("model", {}).get("name")
     if spec is None:
         raise ConfigError(f"{model_dir} does not say which language model it was trained on; pass --model")
@@ -116,7 +115,7 @@ def evaluate(model_dir: str | Path, out: str | Path | None = None, config: Evalu
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_layer_metrics(report["reconstruction"], out / "layers.png"),
              plot_feature_density(density, out / "feature_density.png")]  # fmt: skip
-    model = load_model(model_dir)
+    model = load(model_dir).model
     if model.log_threshold is not None:
         plots.append(plot_thresholds(model, out / "thresholds.png"))
     metrics_file = model_dir.parent / "metrics.jsonl"

@@ -19,7 +19,7 @@ import yaml
 from clt_core.data.sampler import held_out_range, normalized_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
-from clt_core.train.checkpoint import load_model, read_normalizer, read_source
+from clt_core.model.directory import load, read_source
 from clt_core.train.evaluation import reconstruction_metrics
 
 log = logging.getLogger(__name__)
@@ -55,9 +55,8 @@ def evaluate_model(
     rows each feature fired on) for the density plot.
     """
     model_dir = Path(model_dir)
-    model = load_model(model_dir, device=device).eval()
-    normalizer, source = read_normalizer(model_dir), read_source(model_dir)
-    url = data_url or source.get("data")
+    model, normalizer, _, _ = trained = load(model_dir, device=device)
+    url = data_url or trained.data_url
     if url is None:
         raise ConfigError(f"{model_dir} does not say which store it was trained on; pass --data URL")
     store = ActivationStore.open(url)

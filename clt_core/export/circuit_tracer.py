@@ -46,7 +46,7 @@ from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import SOURCE_FILE, load_model, read_config, read_normalizer, read_source
+from clt_core.model.directory import SOURCE_FILE, load, read_config, read_source
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def export_circuit_tracer(
     if input_hook is None or output_hook is None:
         hooks = circuit_tracer_hooks(store.get("hook_templates", {}))
         input_hook, output_hook = input_hook or hooks[0], output_hook or hooks[1]
-    model = load_model(model_dir)
-    normalizer = read_normalizer(model_dir)
+    model, normalizer, _, _ = load(model_dir)
     state = fold_normalization(dict(model.named_parameters()), normalizer)
     del model
 
@@ -201,7 +200,7 @@ def load_circuit_tracer(export_dir: str | Path) -> tuple[CrossLayerTranscoder, d
     """A native model and its `source.json` from one of our circuit-tracer exports.
 
     The model works on RAW activations: its normalisation is folded into the weights, so it needs no
-    `normalization.safetensors` (save it with `save_checkpoint(dir, model, normalizer=None, source=source)`). Its
+    `normalization.safetensors` (save it with `model.directory.save(dir, model, normalizer=None, source=source)`). Its
     raw reconstruction equals the original model's de-normalised one to float32 rounding."""
     path = Path(export_dir)
     try:

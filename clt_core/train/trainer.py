@@ -25,14 +25,10 @@ from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
+from clt_core.model.directory import gather_full, local_slice
+from clt_core.model.directory import save as save_model
 from clt_core.tracking import JsonlTracker, MlflowTracker, Tracker, Trackers
-from clt_core.train.checkpoint import (
-    gather_full,
-    load_training_state,
-    local_slice,
-    read_trainer_state,
-    save_checkpoint,
-)
+from clt_core.train.checkpoint import load_training_state, read_trainer_state, save_checkpoint
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
@@ -230,7 +226,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     finally:
         bar.close()
         sampler.close()
-    save_checkpoint(out_dir / "final", model, None, None, *extras)
+    save_model(out_dir / "final", model, *extras)
     if tracker is not None:
         if evaluation and plots:  # for MLflow and the flows: matplotlib's import alone is a second of a small run
             plot = plot_feature_density(evaluation["feature_density"], out_dir / "final" / "feature_density.png")

@@ -16,7 +16,7 @@ from clt_core.convert.theta import threshold_statistics
 from clt_core.data.sampler import SamplerConfig
 from clt_core.errors import CLTError
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import load_model, read_normalizer, read_source
+from clt_core.model.directory import load, read_normalizer, read_source
 from clt_core.train.trainer import TrainResult, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -81,9 +81,9 @@ def test_conversion_keeps_nmse_and_matches_l0(trained: TrainResult, tmp_path: Pa
     )
 
     out = tmp_path / "jumprelu"
-    model = load_model(out)
+    model = load(out).model
     assert model.config.activation_fn == "jumprelu"
-    original = load_model(trained.final)
+    original = load(trained.final).model
     assert torch.equal(model.W_enc, original.W_enc) and torch.equal(model.W_dec[2], original.W_dec[2])
     assert read_source(out)["converted_from"] == str(trained.final)
     assert torch.equal(read_normalizer(out).inputs_std, read_normalizer(trained.final).inputs_std)

@@ -22,7 +22,7 @@ from clt_core.extract.models import capture_points, resolve_model
 from clt_core.extract.text import TextConfig, iter_windows, limit_rows
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import save_checkpoint
+from clt_core.model.directory import save
 from clt_core.train.config import TrainConfig
 from clt_core.train.trainer import train
 
@@ -234,7 +234,7 @@ def test_dead_and_dense_features_are_counted_exactly(tmp_path: Path) -> None:
         for layer in range(L):
             model.W_enc[layer, 7, 0] = 1.0
             model.b_enc[layer, 7] = -torch.quantile(x[:, layer, 0], 0.95)
-    save_checkpoint(tmp_path / "run" / "final", model)
+    save(tmp_path / "run" / "final", model)
     (tmp_path / "run" / "train_config.yaml").write_text("sampler:\n  holdout_fraction: 0.25\n")
     rec = evaluate_model(tmp_path / "run" / "final", store.url)
     assert rec["holdout_fraction"] == 0.25 and rec["held_out_rows"] == [start, stop] and rec["rows"] == stop - start

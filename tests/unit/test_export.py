@@ -20,7 +20,7 @@ from clt_core.errors import CLTError, ConfigError
 from clt_core.export import circuit_tracer as ct
 from clt_core.export import circuit_tracer_hooks, export_circuit_tracer, fold_normalization, load_circuit_tracer
 from clt_core.extract.models import PRESETS, CapturePoints
-from clt_core.train.checkpoint import save_checkpoint
+from clt_core.model.directory import save
 
 
 def preset_templates(architecture: str) -> dict[str, str]:
@@ -199,7 +199,7 @@ def test_the_round_trip_gives_a_native_model_on_raw_activations(tmp_path: Path) 
     with torch.no_grad():
         assert close(model(x).reconstruction, expected)
     # Lossless: saved as a native model directory (no normalisation) and exported again, the files are the same.
-    save_checkpoint(tmp_path / "back", model, None, None, None, source)
+    save(tmp_path / "back", model, None, source)
     again = export_circuit_tracer(tmp_path / "back", tmp_path / "ct2")
     assert (again / "config.yaml").read_text() == (export / "config.yaml").read_text().replace(
         "normalization_folded: true", "normalization_folded: false"

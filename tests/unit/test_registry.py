@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from clt_core.data.sampler import Normalizer
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import save_checkpoint
+from clt_core.model.directory import save
 from flows.registry import CHAMPION, Gate, decide, register_model
 
 NAME = "clt-test"
@@ -26,7 +26,7 @@ def model_dir(tmp_path: Path) -> Path:
     torch.manual_seed(0)
     model = CrossLayerTranscoder(CLTConfig(num_layers=3, d_model=8, num_features=16, activation_fn="jumprelu"))
     norm = Normalizer(torch.randn(3, 8), torch.rand(3, 8) + 0.5, torch.randn(3, 8), torch.rand(3, 8) + 0.5)
-    save_checkpoint(tmp_path / "model", model, None, None, norm, {"data": "/nowhere"})
+    save(tmp_path / "model", model, norm, {"data": "/nowhere"})
     return tmp_path / "model"
 
 
@@ -81,9 +81,9 @@ np.save("{tmp_path / "y.npy"}", m.predict(x))
 np.save("{tmp_path / "f.npy"}", m.predict(x, params={{"output": "features"}}))
 """
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
-    from clt_core.train.checkpoint import load_model, read_normalizer
+    from clt_core.model.directory import load, read_normalizer
 
-    model, norm = load_model(model_dir), read_normalizer(model_dir)
+    model, norm = load(model_dir).model, read_normalizer(model_dir)
     out = model(norm.inputs(torch.from_numpy(x)))
     expected = norm.raw_targets(out.reconstruction).detach().numpy()
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,7 @@ from clt_core.data.store import ActivationStore
 from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 from clt_core.errors import CLTError
 from clt_core.model.config import CLTConfig
-from clt_core.train.checkpoint import load_model, read_normalizer, read_source
+from clt_core.model.directory import load, read_normalizer, read_source
 from clt_core.train.config import TrainConfig
 from clt_core.train.schedules import lr_factor, sparsity_factor
 from clt_core.train.step import TrainStep
@@ -191,7 +191,7 @@ def test_a_finished_or_mismatched_run_is_refused(store: str, tmp_path: Path) -> 
 def test_checkpoints_load_as_models_and_old_ones_are_pruned(store: str, tmp_path: Path) -> None:
     result = train(config(store, tmp_path / "run", training_steps=30, keep_checkpoints=2), progress=False)
     assert [p.name for p in checkpoints(result.output_dir)] == ["step_20", "step_30"]
-    model = load_model(result.final)
+    model = load(result.final).model
     weights = load_file(str(result.final / "model.safetensors"))
     assert torch.equal(model.W_enc.detach(), weights["W_enc"])
     assert weights["W_enc"].shape == (3, 128, 32) and weights["W_dec.1"].shape == (128, 2, 32)
@@ -266,14 +266,14 @@ def test_a_forged_or_truncated_checkpoint_is_refused_without_running_it(store: s
     original = weights.read_bytes()
     weights.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(CLTError, match="not a valid safetensors file"):
-        load_model(result.final)
+        load(result.final).model
     assert not marker.exists()  # never unpickled
     weights.write_bytes(original[: len(original) // 2])  # truncated
     with pytest.raises(CLTError, match="damaged"):
-        load_model(result.final)
+        load(result.final).model
     weights.unlink()
     with pytest.raises(CLTError, match="missing"):
-        load_model(result.final)
+        load(result.final).model
 
 
 def test_the_memory_estimate_is_printed_and_a_run_that_cannot_fit_is_refused(
