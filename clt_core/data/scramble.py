@@ -17,6 +17,7 @@ their storage representation (bf16 as uint16 bits) so they stay bit-identical, a
 `max(permutation + in-flight source chunks, bucket buffer + slab copy + chunks being encoded)` (see `plan_scramble`),
 bounded by the budget, plus the interpreter's own baseline (~250 MB with torch). The permutation costs 4 bytes per row
 (a SmolLM2 row is 69 KB) and is freed before pass 2. The temp disk must hold the whole store, uncompressed.
+The summary reports these planned buffers against the budget, and the process's peak RSS (baseline included) apart.
 """
 
 from __future__ import annotations
@@ -105,8 +106,14 @@ class ScramblePlan:
     budget: int
 
     @property
+    def buffer_bytes(self) -> int:
+        """Modelled peak of the scramble's own buffers: the larger pass."""
+        return max(self.pass1_bytes, self.pass2_bytes)
+
+    @property
     def peak_bytes(self) -> int:
-        return max(self.pass1_bytes, self.pass2_bytes) + RESERVE_BYTES
+        """The buffers plus `RESERVE_BYTES`: what the plan keeps within the budget."""
+        return self.buffer_bytes + RESERVE_BYTES
 
 
 def zarr_write_concurrency() -> int:
@@ -201,8 +208,12 @@ class ScrambleSummary:
     num_buckets: int
     bucket_rows: int
     peak_rss_bytes: int
-    """Peak resident memory of this process so far (includes the interpreter's baseline)."""
+    """Peak resident memory of the whole process so far: Python, torch and the libraries come on top of the buffers,
+    so this exceeds the budget without breaking it."""
     memory_budget: int
+    """The budget that bounds the scramble's own buffers (`ScrambleConfig.memory_budget`)."""
+    buffer_bytes: int
+    """Planned peak of the scramble's own buffers (`ScramblePlan.buffer_bytes`), within the budget."""
 
     @property
     def mb_per_s(self) -> float:
@@ -212,7 +223,8 @@ class ScrambleSummary:
         return (
             f"scrambled {self.rows:,} rows ({_fmt_bytes(self.bytes)}) from {self.src} to {self.dst} in "
             f"{self.seconds:.1f} s ({self.mb_per_s:.1f} MB/s); {self.num_buckets} bucket(s) of {self.bucket_rows:,} "
-            f"rows; peak RSS {_fmt_bytes(self.peak_rss_bytes)} (budget {_fmt_bytes(self.memory_budget)})"
+            f"rows; buffers {_fmt_bytes(self.buffer_bytes)} of the {_fmt_bytes(self.memory_budget)} budget (planned); "
+            f"process peak RSS {_fmt_bytes(self.peak_rss_bytes)} (Python, torch and libraries included)"
         )
 
 
@@ -384,6 +396,7 @@ def _scramble(
         bucket_rows=plan.bucket_rows,
         peak_rss_bytes=peak_rss_bytes(),
         memory_budget=int(config.memory_budget),
+        buffer_bytes=plan.buffer_bytes,
     )
 
 

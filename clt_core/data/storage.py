@@ -3,8 +3,9 @@
 S3 endpoint and credentials come from the environment only (`AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_DEFAULT_REGION`), never from code or configs.
 Every S3 request is retried with backoff while the endpoint is unreachable or failing transiently
-(`RetryingS3FileSystem`, budget `CLT_S3_RETRY_SECONDS`). Low-level storage exceptions are translated into one-line
-`StoreError`s by `storage_errors`.
+(`RetryingS3FileSystem`, budget `CLT_S3_RETRY_SECONDS`; only `NEW_ENDPOINT_RETRY_SECONDS` for an endpoint that has
+not answered this process yet, so that a wrong URL or a server not started fails in seconds). Low-level storage
+exceptions are translated into one-line `StoreError`s by `storage_errors`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ T = TypeVar("T")
 
 RETRY_SECONDS_VAR = "CLT_S3_RETRY_SECONDS"
 DEFAULT_RETRY_SECONDS = 120.0
+# The budget of an endpoint that has not answered once since the process started (a wrong URL or port, the server not
+# started): a few attempts, then one line, rather than minutes of retries. `CLT_S3_RETRY_SECONDS` below it wins.
+NEW_ENDPOINT_RETRY_SECONDS = 10.0
 # Backoff between attempts: doubling from the first delay up to the cap, each delay drawn in [d/2, d] (jitter, so
 # the many requests that failed together do not all come back at the same moment).
 RETRY_FIRST_DELAY, RETRY_MAX_DELAY = 0.25, 10.0
@@ -85,7 +89,8 @@ def s3_options() -> dict:
 
     Above that, every request that fails transiently (endpoint unreachable, connection refused or reset, timeout,
     5xx, SlowDown) is sent again with exponential backoff for up to `CLT_S3_RETRY_SECONDS` (default 120; 0 turns
-    retrying off), logging a warning per retry; refusals and missing objects fail at once. See `retry_seconds`.
+    retrying off), logging a warning per retry; refusals and missing objects fail at once. An endpoint that has never
+    answered this process gets at most `NEW_ENDPOINT_RETRY_SECONDS` (10). See `retry_seconds` and `with_retries`.
 
     Credentials set in the environment are passed explicitly so that they are part of the filesystem cache key:
     changing them (another user, a rotated secret) gives a new client rather than a stale cached one. Unset, s3fs
@@ -158,13 +163,28 @@ def is_transient(exc: BaseException, *, idempotent: bool = True) -> bool:
 
 
 class S3Unavailable(Exception):
-    """A transient S3 failure that outlasted the retry budget; `storage_errors` makes it a StoreError."""
+    """A transient S3 failure that outlasted the retry budget; `storage_errors` makes it a StoreError.
+    `never_answered`: the endpoint has not answered once since the process started (likely a wrong URL or port, or
+    a server not running); `setting` is `CLT_S3_RETRY_SECONDS` when the budget was cut short for that reason."""
 
     def __init__(
-        self, url: str, attempts: int, seconds: float, budget: float, last: BaseException, *, given_up: bool = False
+        self,
+        url: str,
+        attempts: int,
+        seconds: float,
+        budget: float,
+        last: BaseException,
+        *,
+        given_up: bool = False,
+        never_answered: bool = False,
+        setting: float | None = None,
     ) -> None:
-        self.url, self.last = url, last
-        self.gave_up = f"gave up after {attempts} attempt(s) over {seconds:.0f} s ({RETRY_SECONDS_VAR}={budget:g})"
+        self.url, self.last, self.never_answered = url, last, never_answered
+        if setting is not None and budget < setting:
+            rule = f"{budget:g} s until the endpoint first answers, {RETRY_SECONDS_VAR}={setting:g} after"
+        else:
+            rule = f"{RETRY_SECONDS_VAR}={budget:g}"
+        self.gave_up = f"gave up after {attempts} attempt(s) over {seconds:.0f} s ({rule})"
         if given_up:
             self.gave_up += ", as another request to this endpoint had already retried for the whole budget"
         self.unreachable = not _server_answered(last)
@@ -177,10 +197,32 @@ def _server_answered(exc: BaseException) -> bool:
     return any(isinstance(err, ClientError) for err in (exc, exc.__cause__))
 
 
-# Endpoints a request gave up on after its whole retry budget. Until a request to one succeeds again, the requests
-# that fail there get no budget of their own: cleanup after the failure (lease release, removing a partial store)
-# and requests queued behind it fail at once instead of each waiting out another budget.
-_given_up: set[str] = set()
+@dataclass
+class _Endpoint:
+    """What this process knows of one S3 endpoint (see `with_retries`)."""
+
+    answered: bool = False  # it has sent a response (a success or an S3 error): the full budget applies
+    given_up: bool = False  # a request gave up on it after its whole budget, and none has succeeded there since
+
+
+# Per endpoint URL ("" for AWS's default), for the whole process: requests to one endpoint run on several threads
+# (fsspec's loop, zarr's loop), hence the lock.
+_endpoints: dict[str, _Endpoint] = {}
+_endpoints_lock = threading.Lock()
+
+
+def _endpoint_state(endpoint: str) -> tuple[bool, bool]:
+    """(answered, given_up) for the endpoint."""
+    with _endpoints_lock:
+        state = _endpoints.get(endpoint) or _Endpoint()
+        return state.answered, state.given_up
+
+
+def _note_endpoint(endpoint: str, *, answered: bool = False, succeeded: bool = False, gave_up: bool = False) -> None:
+    with _endpoints_lock:
+        state = _endpoints.setdefault(endpoint, _Endpoint())
+        state.answered = state.answered or answered or succeeded
+        state.given_up = gave_up or (state.given_up and not succeeded)
 
 
 async def with_retries(
@@ -188,23 +230,39 @@ async def with_retries(
 ) -> T:
     """Await `call()`, calling it again after transient failures (`is_transient`) with capped exponential backoff
     and jitter until it succeeds or `retry_seconds()` have passed since the first failure; then `S3Unavailable`.
-    Other errors propagate at once. Each retry logs one warning naming `url`."""
-    attempt, first_failure = 0, 0.0
+    Other errors propagate at once. Each retry logs one warning naming `url`.
+
+    Per `endpoint`, for the whole process: until it has answered once (any response, even an S3 error), the budget
+    is at most `NEW_ENDPOINT_RETRY_SECONDS`, counted from the first try (the whole wait of a user who mistyped the
+    URL), as an endpoint that never answered is more likely wrong than restarting.
+    Once a request there gave up after its whole budget, the requests that fail there get no budget of their own
+    until one succeeds: cleanup after the failure (lease release, removing a partial store) and requests queued
+    behind it fail at once instead of each waiting out another budget."""
+    attempt, first_failure, started = 0, 0.0, time.monotonic()
     while True:
         attempt += 1
         try:
             result = await call()
         except Exception as exc:
+            if _server_answered(exc):
+                _note_endpoint(endpoint, answered=True)
             if not is_transient(exc, idempotent=idempotent):
                 raise
             now = time.monotonic()
             first_failure = first_failure or now
-            budget, elapsed = retry_seconds(), now - first_failure
-            if endpoint in _given_up:
-                raise S3Unavailable(url, attempt, elapsed, budget, exc, given_up=True) from exc
+            setting, (answered, given_up) = retry_seconds(), _endpoint_state(endpoint)
+            if answered:
+                budget, elapsed = setting, now - first_failure
+            else:
+                budget, elapsed = min(setting, NEW_ENDPOINT_RETRY_SECONDS), now - started
+            failure = functools.partial(
+                S3Unavailable, url, attempt, elapsed, budget, exc, never_answered=not answered, setting=setting
+            )
+            if given_up:
+                raise failure(given_up=True) from exc
             if elapsed >= budget:
-                _given_up.add(endpoint)
-                raise S3Unavailable(url, attempt, elapsed, budget, exc) from exc
+                _note_endpoint(endpoint, gave_up=True)
+                raise failure() from exc
             ceiling = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** (attempt - 1))
             delay = min(random.uniform(ceiling / 2, ceiling), budget - elapsed)
             log.warning(
@@ -213,7 +271,7 @@ async def with_retries(
             )  # fmt: skip
             await asyncio.sleep(delay)
         else:
-            _given_up.discard(endpoint)
+            _note_endpoint(endpoint, succeeded=True)
             if attempt > 1:
                 log.warning("%s: %s succeeded at attempt %d", url, what, attempt)
             return result
@@ -331,6 +389,12 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
         raise
     except S3Unavailable as exc:
         endpoint = s3_options().get("endpoint_url", "the default AWS endpoint")
+        if exc.unreachable and exc.never_answered:
+            raise StoreError(
+                f"{url}: cannot reach the S3 endpoint {endpoint} while trying to {action}; it has never answered "
+                f"since this process started; {exc.gave_up}; check its URL and port (AWS_ENDPOINT_URL_S3, else "
+                f"AWS_ENDPOINT_URL) and that the server is running (last error: {_describe(exc.last)})"
+            ) from None
         if exc.unreachable:
             raise StoreError(
                 f"{url}: cannot reach the S3 endpoint {endpoint} while trying to {action}; {exc.gave_up}; is the "

@@ -9,6 +9,7 @@ import asyncio
 import errno
 import itertools
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ import pytest
 import torch
 from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError
 
+from clt_core.data import storage
 from clt_core.data.sampler import ActivationSampler, SamplerConfig
 from clt_core.data.scramble import ScrambleConfig, scramble_store
 from clt_core.data.storage import S3Unavailable, with_retries
@@ -227,6 +229,35 @@ def test_training_reads_survive_an_outage_and_give_the_same_batches(
         assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+@pytest.mark.s3
+def test_an_endpoint_that_answered_before_is_retried_past_the_short_budget(
+    own_s3: SeaweedFS, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The short budget of an endpoint that never answered (made 0.5 s here) leaves a server that answered and then
+    went away (a restart mid-run) its whole budget."""
+    monkeypatch.setattr(storage, "NEW_ENDPOINT_RETRY_SECONDS", 0.5)
+    url = "s3://acts/outage-after-answers"
+    s3_store(url, rows=40)  # the endpoint has answered
+    with socket.socket() as sock:  # first, the same process against a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", closed)
+    start = time.monotonic()
+    with pytest.raises(StoreError, match=r"never answered since this process started; gave up after .* \(0.5 s until"):
+        ActivationStore.open(url)
+    assert time.monotonic() - start < 5
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", own_s3.server.endpoint)
+    own_s3.stop(kill=True)
+    with Outage(own_s3, trigger=lambda: True, down_s=DOWN_S) as outage:
+        start = time.monotonic()
+        rows = ActivationStore.open(url).read(0, 40)
+        done = time.monotonic()
+    outage.assert_spanned(done)
+    assert done - start > DOWN_S / 2 > 0.5  # retried well past the short budget
+    assert torch.equal(rows.token_ids, torch.arange(40, dtype=torch.int32))
+    assert retries_logged(caplog, f"{url}/zarr.json")
+
+
 # ------------------------------------------------------------------------------------------ the budget runs out
 @pytest.mark.s3
 @pytest.mark.slow
@@ -320,3 +351,35 @@ def test_transient_errors_are_retried_with_growing_delays_others_raised_at_once(
         asyncio.run(with_retries(flaky([down]), "s3://b/k", endpoint="http://x"))
     assert delays == [] and asyncio.run(with_retries(flaky([]), "s3://b/k", endpoint="http://x")) == "ok"
     assert asyncio.run(with_retries(flaky([down]), "s3://b/k", endpoint="http://x")) == "ok" and len(delays) == 1
+
+
+def test_an_endpoint_gets_the_full_budget_once_it_has_answered_even_with_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without a server, the short budget made 0: an endpoint that never answered fails at its first refused
+    connection; one that answered a 404 (the server is there) is retried."""
+
+    async def no_sleep(delay: float) -> None:
+        pass
+
+    def flaky(errors: list[BaseException]) -> Callable[[], object]:
+        async def call() -> str:
+            if errors:
+                raise errors.pop(0)
+            return "ok"
+
+        return call
+
+    monkeypatch.setattr(asyncio, "sleep", no_sleep)
+    monkeypatch.setattr(storage, "NEW_ENDPOINT_RETRY_SECONDS", 0.0)
+    never, answered = (f"http://{name}-{time.monotonic_ns()}" for name in ("never", "answered"))
+    down = EndpointConnectionError(endpoint_url="http://x")
+    rule = r"over 0 s \(0 s until the endpoint first answers, CLT_S3_RETRY_SECONDS=60 after\)"
+    with pytest.raises(S3Unavailable, match=rule) as failure:
+        asyncio.run(with_retries(flaky([down]), "s3://b/k", endpoint=never))
+    assert failure.value.never_answered and failure.value.unreachable
+    missing = FileNotFoundError("k")  # as s3fs raises a 404
+    missing.__cause__ = _client_error(404, "NoSuchKey")
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(with_retries(flaky([missing]), "s3://b/k", endpoint=answered))
+    assert asyncio.run(with_retries(flaky([down, down]), "s3://b/k", endpoint=answered)) == "ok"

@@ -17,6 +17,7 @@ import s3fs
 import torch
 
 from clt_core.data.norm_stats import NormStats, compute_norm_stats
+from clt_core.data.storage import NEW_ENDPOINT_RETRY_SECONDS
 from clt_core.data.store import ActivationStore
 from clt_core.data.verify import verify_store
 from clt_core.errors import StoreError
@@ -166,3 +167,27 @@ def test_an_unreachable_endpoint_fails_fast_and_clearly(s3_env: S3Server, monkey
     assert time.monotonic() - start < 20
     report = verify_store("s3://acts/anything", progress=False)
     assert not report.ok and "cannot reach the S3 endpoint" in report.problems[0]
+
+
+def test_an_endpoint_that_never_answered_fails_in_seconds_even_with_the_default_budget(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong port (or a server not started) gets the short budget of an endpoint that never answered, not the
+    default 120 s of `CLT_S3_RETRY_SECONDS`, and a line that says so and names the likely causes."""
+    with socket.socket() as sock:  # a loopback port that nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://127.0.0.1:{port}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.delenv("CLT_S3_RETRY_SECONDS", raising=False)
+    start = time.monotonic()
+    with pytest.raises(StoreError) as failure:
+        ActivationStore.open("s3://acts/anything")
+    elapsed = time.monotonic() - start
+    assert NEW_ENDPOINT_RETRY_SECONDS <= elapsed < 15, elapsed
+    message = str(failure.value)
+    assert "\n" not in message and message.startswith("s3://acts/anything: "), message
+    assert f"cannot reach the S3 endpoint {endpoint} while trying to " in message
+    assert "it has never answered since this process started; gave up after " in message
+    assert "(10 s until the endpoint first answers, CLT_S3_RETRY_SECONDS=120 after)" in message
+    assert "(AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL) and that the server is running (last error: " in message

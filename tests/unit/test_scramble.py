@@ -243,7 +243,20 @@ def test_progress_bar_and_summary(src: str, tmp_path: Path, capsys: pytest.Captu
     scramble_store(src, str(tmp_path / "b"), cfg(), progress=False)
     assert capsys.readouterr().err == ""
     text = str(summary)
-    assert "1,000 rows" in text and "MB/s" in text and "peak RSS" in text and summary.peak_rss_bytes > 0
+    assert "1,000 rows" in text and "MB/s" in text and "process peak RSS" in text and summary.peak_rss_bytes > 0
+
+
+def test_summary_reports_its_buffers_against_the_budget_and_the_process_peak_apart(
+    src: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The budget bounds the scramble's buffers; the process's peak RSS (interpreter, torch) is reported beside it."""
+    monkeypatch.setattr(sc, "RESERVE_BYTES", 0)  # a test-sized budget that the buffers nearly fill
+    budget = 300_000
+    summary = scramble_store(src, str(tmp_path / "dst"), cfg(memory_budget=budget, rows_per_chunk=16), progress=False)
+    assert 0 < summary.buffer_bytes <= summary.memory_budget == budget < summary.peak_rss_bytes
+    buffers, process = str(summary).split("; ")[-2:]
+    assert buffers == f"buffers {summary.buffer_bytes / 1e3:.1f} KB of the 300.0 KB budget (planned)"
+    assert process.startswith("process peak RSS ") and process.endswith(" (Python, torch and libraries included)")
 
 
 def test_cli_scramble(src: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
