@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# torch first, from the locally cached CPU wheel (see DESIGN.md); then everything else with uv.
+	# torch first, from the locally cached CPU wheel (see docs/stack.md); then everything else with uv.
 	$(BIN)/python -m pip install -q torch==2.13.0 uv
 	# Bytecode compiled at install (--compile-bytecode, and compileall for this checkout's packages): this
 	# environment sets PYTHONDONTWRITEBYTECODE, so otherwise every `clt` run re-compiles its imports (~0.8 s).

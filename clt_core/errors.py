@@ -11,3 +11,12 @@ class ConfigError(CLTError):
 
 class StoreError(CLTError):
     """An activation store is missing, unreachable, corrupt or incompatible."""
+
+
+def first_line(err: BaseException, *, with_type: bool = False, limit: int = 200) -> str:
+    """The first line of an exception's message (at most `limit` characters) for a one-line error, prefixed by its
+    type with `with_type`; its type alone when it has no message."""
+    lines = str(err).strip().splitlines()
+    if not lines:
+        return type(err).__name__
+    return f"{type(err).__name__}: {lines[0][:limit]}" if with_type else lines[0][:limit]

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from clt_core.data.norm_stats import NormStats
 from clt_core.data.store import ActivationStore
-from clt_core.errors import StoreError
+from clt_core.errors import StoreError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +74,7 @@ def _open_h5(path: Path) -> h5py.File:
     except FileNotFoundError:
         raise StoreError(f"{path}: chunk file missing") from None
     except OSError as err:
-        raise StoreError(f"{path}: not a readable HDF5 file, truncated or corrupt? ({_first_line(err)})") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:200] if text else type(err).__name__
+        raise StoreError(f"{path}: not a readable HDF5 file, truncated or corrupt? ({first_line(err)})") from None
 
 
 def _local_dir(path: str, role: str) -> Path:
@@ -312,7 +307,7 @@ def _read_index(path: Path, chunks: _ChunkDir) -> _Manifest:
     except FileNotFoundError:
         raise StoreError(f"{path}: missing; the seed HDF5 layout needs its manifest") from None
     except OSError as err:
-        raise StoreError(f"{path}: not readable ({_first_line(err)})") from None
+        raise StoreError(f"{path}: not readable ({first_line(err)})") from None
     if not raw:
         raise StoreError(f"{path}: empty; the directory holds no rows")
     if len(raw) % (2 * PAIR_DTYPE.itemsize):
@@ -523,7 +518,7 @@ def _read_rows(f: _ChunkFile, h5: h5py.File, a: int, b: int) -> tuple[np.ndarray
             return inputs, targets, np.full(b - a, -1, np.int32)
         ids = np.asarray(h5["token_ids"][a:b])
     except OSError as err:
-        raise StoreError(f"{f.path}: cannot read rows {a}..{b}, corrupt? ({_first_line(err)})") from None
+        raise StoreError(f"{f.path}: cannot read rows {a}..{b}, corrupt? ({first_line(err)})") from None
     if len(ids) and (ids.min() < np.iinfo(np.int32).min or ids.max() > np.iinfo(np.int32).max):
         raise StoreError(f"{f.path}: token_ids outside the int32 range the store keeps")
     return inputs, targets, ids.astype(np.int32)
@@ -712,7 +707,7 @@ def export_hdf5(src_url: str, dst_dir: str, *, overwrite: bool = False, progress
             try:
                 _write_file(store, path, entry, plan, per_file[int(entry["chunk_id"])], bar.update)
             except OSError as err:
-                raise StoreError(f"{path}: cannot write ({_first_line(err)})") from None
+                raise StoreError(f"{path}: cannot write ({first_line(err)})") from None
     finally:
         bar.close()
     _write_index(dst / "index.bin", plan)

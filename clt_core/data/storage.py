@@ -29,7 +29,7 @@ import fsspec
 from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
-from clt_core.errors import StoreError
+from clt_core.errors import StoreError, first_line
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -188,7 +188,7 @@ class S3Unavailable(Exception):
         if given_up:
             self.gave_up += ", as another request to this endpoint had already retried for the whole budget"
         self.unreachable = not _server_answered(last)
-        super().__init__(f"{url}: S3 request failed, {self.gave_up}; last error: {_describe(last)}")
+        super().__init__(f"{url}: S3 request failed, {self.gave_up}; last error: {first_line(last, limit=300)}")
 
 
 def _server_answered(exc: BaseException) -> bool:
@@ -267,7 +267,7 @@ async def with_retries(
             delay = min(random.uniform(ceiling / 2, ceiling), budget - elapsed)
             log.warning(
                 "%s: %s failed (attempt %d: %s: %s); retrying in %.1f s, %.0f s of the %g s retry budget left",
-                url, what, attempt, type(exc).__name__, _describe(exc), delay, budget - elapsed, budget,
+                url, what, attempt, type(exc).__name__, first_line(exc, limit=300), delay, budget - elapsed, budget,
             )  # fmt: skip
             await asyncio.sleep(delay)
         else:
@@ -375,11 +375,6 @@ def check_bucket(loc: StoreLocation, fs: fsspec.AbstractFileSystem) -> None:
         pass  # the credentials may allow objects but not the bucket; later requests will tell
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
-
-
 @contextlib.contextmanager
 def storage_errors(url: str, action: str) -> Iterator[None]:
     """Translate filesystem/S3 exceptions raised while doing `action` on `url` into one-line StoreErrors."""
@@ -393,19 +388,19 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
             raise StoreError(
                 f"{url}: cannot reach the S3 endpoint {endpoint} while trying to {action}; it has never answered "
                 f"since this process started; {exc.gave_up}; check its URL and port (AWS_ENDPOINT_URL_S3, else "
-                f"AWS_ENDPOINT_URL) and that the server is running (last error: {_describe(exc.last)})"
+                f"AWS_ENDPOINT_URL) and that the server is running (last error: {first_line(exc.last, limit=300)})"
             ) from None
         if exc.unreachable:
             raise StoreError(
                 f"{url}: cannot reach the S3 endpoint {endpoint} while trying to {action}; {exc.gave_up}; is the "
-                f"server running and AWS_ENDPOINT_URL_S3 right? (last error: {_describe(exc.last)})"
+                f"server running and AWS_ENDPOINT_URL_S3 right? (last error: {first_line(exc.last, limit=300)})"
             ) from None
         raise StoreError(
             f"{url}: the S3 endpoint {endpoint} kept failing while trying to {action}; {exc.gave_up} (last error: "
-            f"{_describe(exc.last)})"
+            f"{first_line(exc.last, limit=300)})"
         ) from None
     except PermissionError as exc:
-        msg = _describe(exc)
+        msg = first_line(exc, limit=300)
         if "signature" in msg.lower() or "accessdenied" in msg.lower() or "forbidden" in msg.lower():
             raise StoreError(
                 f"{url}: access denied while trying to {action} ({msg}); check the S3 credentials "
@@ -413,12 +408,12 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
             ) from None
         raise StoreError(f"{url}: permission denied while trying to {action} ({msg})") from None
     except FileNotFoundError as exc:
-        msg = _describe(exc)
+        msg = first_line(exc, limit=300)
         if "bucket" in msg.lower():
             raise StoreError(f"{url}: the bucket does not exist ({msg}); create it first") from None
         raise StoreError(f"{url}: not found while trying to {action} ({msg})") from None
     except OSError as exc:
-        msg = _describe(exc)
+        msg = first_line(exc, limit=300)
         if "No space left" in msg or getattr(exc, "errno", None) == 28:
             raise StoreError(f"{url}: no space left on device while trying to {action}") from None
         raise StoreError(f"{url}: storage error while trying to {action}: {msg}") from None
@@ -435,5 +430,5 @@ def storage_errors(url: str, action: str) -> Iterator[None]:
                 f"{url}: no S3 credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             ) from None
         if name in {"ClientError", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
-            raise StoreError(f"{url}: S3 refused to {action}: {_describe(exc)}") from None
+            raise StoreError(f"{url}: S3 refused to {action}: {first_line(exc, limit=300)}") from None
         raise

@@ -1,6 +1,6 @@
 """The activation store: a Zarr v3 group holding MLP inputs and targets per token row (format_version 1).
 
-Layout (see DESIGN.md): arrays `inputs` and `targets` `[N, L, d]` chunked `(rows_per_chunk, L, d)`, `token_ids [N]`,
+Layout (docs/formats.md): arrays `inputs` and `targets` `[N, L, d]` chunked `(rows_per_chunk, L, d)`, `token_ids [N]`,
 the group attribute `clt_dataset` (a `StoreInfo`), and an optional `norm_stats` subgroup of float64 `[L, d]` arrays.
 bfloat16 is stored as its uint16 bit pattern with the array attribute `logical_dtype: "bfloat16"`.
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from clt_core.data.shards import describe_progress
 from clt_core.data.storage import filesystem, storage_errors
-from clt_core.errors import StoreError
+from clt_core.errors import StoreError, first_line
 
 if TYPE_CHECKING:
     from clt_core.data.store import ActivationStore
@@ -104,11 +104,6 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
-
-
 def _nonfinite_mask(a: np.ndarray, dtype: str) -> np.ndarray:
     """Per row of a stored `[n, L, d]` block: whether any value is NaN or ±Inf (bf16 bits: exponent all ones)."""
     bad = ((a & _BF16_EXPONENT) == _BF16_EXPONENT) if dtype == "bfloat16" else ~np.isfinite(a)
@@ -127,7 +122,7 @@ def verify_store(url: str, *, scan: bool = True, progress: bool = True, workers:
         report.problems.append(str(err))
         return _done(report, t0)
     except Exception as err:  # a corrupt metadata document can surface as anything; report it, don't crash
-        report.problems.append(f"{url}: cannot open the store ({_short(err)})")
+        report.problems.append(f"{url}: cannot open the store ({first_line(err, with_type=True)})")
         return _done(report, t0)
     report.url = store.url
     report.opened = True
@@ -142,7 +137,8 @@ def verify_store(url: str, *, scan: bool = True, progress: bool = True, workers:
         except StoreError as err:
             report.problems.append(str(err))
         except Exception as err:
-            report.problems.append(f"{check.__name__.removeprefix('_check_').replace('_', ' ')}: {_short(err)}")
+            name = check.__name__.removeprefix("_check_").replace("_", " ")
+            report.problems.append(f"{name}: {first_line(err, with_type=True)}")
     if scan:
         _scan(store, report, progress=progress, workers=workers)
     _check_norm_stats_rows(store, report)
@@ -262,7 +258,7 @@ def _read_chunk(store: ActivationStore, chunk: int) -> ChunkScan:
             result.storage_error = str(err)
             return result
         except Exception as err:  # codec and reshape errors: the object is truncated or overwritten
-            result.errors[arr.basename] = _short(err)
+            result.errors[arr.basename] = first_line(err, with_type=True)
             continue
         if arr is store.token_ids:
             result.bad_token_rows = int((data < -1).sum())
