@@ -24,10 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from clt_core.data.norm_stats import NormStatsAccumulator
 from clt_core.data.store import ActivationStore
-from clt_core.extract.extractor import COMPUTE_DTYPES, NNsightCapture
-from clt_core.extract.models import capture_points, resolve_model
-from clt_core.extract.text import TextConfig, iter_windows
+from clt_core.extract.extractor import COMPUTE_DTYPES
 from clt_core.extract.writer import BackgroundWriter
+from clt_core.lm.capture import NNsightCapture, capture_points
+from clt_core.lm.corpora import TextConfig
+from clt_core.lm.loading import resolve_model
+from clt_core.lm.windows import iter_windows
 
 
 def main() -> None:

@@ -1,23 +1,29 @@
 """The `clt` command: every stage of the pipeline as a subcommand.
 
 Flags of config-driven commands are derived from their config classes (`clt_core.config.add_config_arguments`).
-Errors a user can fix (`CLTError`) print one line and exit with status 2.
+Errors a user can fix (`CLTError`) print one line and exit with status 2. Other installed packages add subcommands
+through the entry-point group `clt_pipeline.commands` (e.g. `clt models`, from `flows/cli.py`): each entry point is
+a function called with `AddCommand`, loaded only when the command line names no built-in command.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NoReturn
 
 from clt_core.config import add_config_arguments, config_from_args
 from clt_core.errors import CLTError
 
 Handler = Callable[[argparse.Namespace], int]
+AddCommand = Callable[[str, Handler, str], argparse.ArgumentParser]
+"""`add(name, handler, help)`: a new subcommand's parser (with `-q/--quiet`), what a plugin's entry point is given."""
+PLUGINS = "clt_pipeline.commands"
+"""The entry-point group of subcommands that other packages add."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,6 +31,17 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type of a number of seconds: a float of at least 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -159,6 +176,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from clt_core.errors import ConfigError
     from clt_core.train.config import TrainConfig
+    from clt_core.train.launch import torchrun_command
     from clt_core.train.trainer import train
 
     config = config_from_args(TrainConfig, args, args.config)  # `--data` is the field `data` itself
@@ -176,9 +194,9 @@ def _train(args: argparse.Namespace) -> int:
             if arg.startswith("--nproc="):
                 del argv[i]
                 break
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-        return subprocess.run([*launcher, "-m", "clt_core.cli", *argv]).returncode
-    result = train(config, resume=args.resume, progress=not args.quiet)
+        command, env = torchrun_command(argv, args.nproc)
+        return subprocess.run(command, env=env).returncode
+    result = train(config, resume=args.resume, progress=not args.quiet, progress_every=args.progress_every)
     if int(os.environ.get("RANK", "0")) == 0:
         ev = result.evaluation
         summary = f", held-out NMSE {ev['mean_nmse']:.4f}, L0 {ev['total_l0']:.1f}" if ev else ""
@@ -250,34 +268,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(args: argparse.Namespace) -> int:
-    # The registry lives with the orchestration (flows/), which this command only reaches into.
-    import os
-
-    from clt_core.errors import ConfigError
-    from flows.registry import download_model, list_models, tracking
-
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        raise ConfigError("no MLflow tracking URI: pass --tracking-uri (e.g. sqlite:///demo-output/mlflow.db)")
-    database = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
-    if database is not None and not Path(database).is_file():  # MLflow would create an empty registry there
-        raise ConfigError(f"no MLflow database at {database} (tracking URI {uri}); check --tracking-uri")
-    if args.action == "get" and (not args.reference or not args.out):
-        raise ConfigError("usage: clt models get NAME@ALIAS|NAME/VERSION --out DIR")
-    with tracking(uri):
-        if args.action == "list":
-            for row in list_models():
-                metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(row["metrics"].items()) if k in ("mean_nmse",
-                                    "total_l0", "ce_recovered"))  # fmt: skip
-                aliases = f" @{','.join(row['aliases'])}" if row["aliases"] else ""
-                print(f"{row['name']} v{row['version']}{aliases}: {metrics} ({row['reason']})")
-        else:
-            print(f"circuit-tracer files of {args.reference} in {download_model(args.reference, args.out)}")
-    return 0
+def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(handler=handler)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _subcommands(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def add_plugins(parser: argparse.ArgumentParser) -> None:
+    """Add the subcommands of the installed `clt_pipeline.commands` entry points (in name order); one whose package
+    cannot be imported (e.g. the orchestration is not installed) is left out."""
+    from importlib.metadata import entry_points
+
+    add = functools.partial(_command, _subcommands(parser))
+    for entry in sorted(entry_points(group=PLUGINS), key=lambda e: e.name):
+        try:
+            register = entry.load()
+        except ImportError:
+            continue
+        register(add)
+
+
+def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     from clt_core.convert import ConvertConfig
     from clt_core.data.sampler import SamplerConfig
     from clt_core.data.scramble import ScrambleConfig
@@ -290,11 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="clt", description="Cross-Layer Transcoder pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.set_defaults(handler=handler)
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-        return p
+    command: AddCommand = functools.partial(_command, sub)
 
     p = command("info", _info, "Print a store's metadata and geometry as JSON.")
     p.add_argument("url", help="store URL: PATH, file://PATH or s3://BUCKET/PREFIX")
@@ -359,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc", type=_positive_int, default=1, help="feature shards: processes started with torchrun (default 1)"
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument(
+        "--progress-every",
+        type=_non_negative_float,
+        metavar="SECONDS",
+        help="instead of the bar, print a progress line every SECONDS (step, loss, tokens/s, ETA, held-out NMSE): "
+        "for logs",
+    )
     add_config_arguments(p, TrainConfig, skip={"model", "sampler", "betas", "data", "output_dir"})
     add_config_arguments(p, CLTConfig, skip={"num_layers", "d_model", "seed"}, section="model")
     add_config_arguments(p, SamplerConfig, skip={"seed"}, section="sampler")
@@ -393,18 +412,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for evaluation.json and the plots (default: MODEL_DIR/evaluation)")
     p.add_argument("--config", help="YAML file with evaluation settings; flags override it")
     add_config_arguments(p, EvaluateConfig)
-    p = command("models", _models, "Registered models in MLflow: list them, or get one's circuit-tracer files.")
-    p.add_argument("action", choices=["list", "get"])
-    p.add_argument("reference", nargs="?", help="get: NAME@ALIAS (e.g. clt@champion) or NAME/VERSION")
-    p.add_argument("--out", help="get: directory to create")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    if plugins:
+        add_plugins(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(plugins=False)
+    if not argv or argv[0] not in _subcommands(parser).choices:  # a plugin's command, --help, or a mistake
+        add_plugins(parser)
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     try:
         return args.handler(args)
     except CLTError as err:

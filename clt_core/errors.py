@@ -13,6 +13,10 @@ class StoreError(CLTError):
     """An activation store is missing, unreachable, corrupt or incompatible."""
 
 
+class ModelError(CLTError):
+    """A language model cannot be found, loaded or hooked as asked."""
+
+
 def first_line(err: BaseException, *, with_type: bool = False, limit: int = 200) -> str:
     """The first line of an exception's message (at most `limit` characters) for a one-line error, prefixed by its
     type with `with_type`; its type alone when it has no message."""

@@ -73,8 +73,10 @@ def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None =
         scrambled_url = f"{stores}/scrambled-{fingerprint(acts['fingerprint'], config.scramble)}"
         scrambled = run(tasks.scramble)(acts, scrambled_url, config.scramble)
         run_dir = work / "runs" / f"train-{fingerprint(scrambled['fingerprint'], config.train, config.nproc)}"
-        trained = run(tasks.train)(scrambled, config.train, str(run_dir), config.nproc)
-        tasks.log_training_metrics(run_id, run_dir / "metrics.jsonl")
+        trained = run(tasks.train)(scrambled, config.train, str(run_dir), config.nproc, run_id)
+        trained_in = trained.pop("mlflow_run_id", None)  # not downstream: no part of a later stage's cache key
+        if trained_in not in (None, run_id):  # training cached: its params and metrics are in the run that trained
+            mlflow.set_tag("train_run_id", trained_in)
         tag = fingerprint(config.convert)
         converted = run(tasks.convert)(trained, config.convert, str(run_dir / f"jumprelu-{tag}"))
         evaluated = run(tasks.evaluate)(converted, config.evaluate, str(run_dir / f"evaluation-{tag}"))

@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import math
-import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +25,7 @@ from clt_core.data.store import ActivationStore, store_exists
 from clt_core.evaluate import EvaluateConfig
 from clt_core.extract.extractor import ExtractConfig
 from clt_core.train.config import TrainConfig
+from clt_core.train.launch import torchrun_command
 from flows.config import RegistrySettings, fingerprint
 
 CACHED = {
@@ -37,6 +33,8 @@ CACHED = {
     "persist_result": True,
     "result_serializer": "json",
 }
+PROGRESS_SECONDS = 10.0
+"""How often the training subprocess writes a progress line into the run log."""
 RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_jitter_factor": 0.5}
 """Transient storage and network errors: two retries with backoff (stages resume, so a retry loses no work)."""
 
@@ -89,28 +87,36 @@ def scramble(source: Stage, dst: str, config: ScrambleConfig) -> Stage:
     return {"url": dst, "fingerprint": _store_fingerprint(dst), "rows": ActivationStore.open(dst).num_rows}
 
 
-@task(name="train", **CACHED)
-def train(data: Stage, config: TrainConfig, out_dir: str, nproc: int) -> Stage:
-    """`clt train` under torchrun as a subprocess, its output streamed into the run log; `--resume` continues a
-    crashed run from its newest checkpoint."""
+@task(name="train", **{**CACHED, "cache_policy": (INPUTS - "mlflow_run_id") + TASK_SOURCE})
+def train(data: Stage, config: TrainConfig, out_dir: str, nproc: int, mlflow_run_id: str | None = None) -> Stage:
+    """`clt train` under torchrun as a subprocess, its progress lines streamed into the run log; `--resume` continues
+    a crashed run from its newest checkpoint. With `mlflow_run_id` (not part of the cache key) the trainer logs its
+    params, per-step metrics and plot into that run, under `train/` (MLflow's own `MLFLOW_RUN_ID` and
+    `MLFLOW_TRACKING_URI`, in the subprocess's environment only); the result names the run that holds them."""
+    import mlflow
+
     logger = get_run_logger()
     config = config.model_copy(update={"data": data["url"], "output_dir": out_dir})
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     config_file = Path(out_dir) / "pipeline_train.yaml"
     config_file.write_text(config.to_yaml())
     final = Path(out_dir) / "final"
+    trained_in = None
     if not final.exists():
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        command = [*launcher, "-m", "clt_core.cli", "train", "--config", str(config_file), "--resume", "--quiet"]
+        args = ["train", "--config", str(config_file), "--resume", "--quiet", "--progress-every", str(PROGRESS_SECONDS)]
+        command, env = torchrun_command(args, nproc)
+        env.pop("MLFLOW_RUN_ID", None)
+        if mlflow_run_id is not None:
+            env.update(MLFLOW_RUN_ID=mlflow_run_id, MLFLOW_TRACKING_URI=mlflow.get_tracking_uri())
+            trained_in = mlflow_run_id
         logger.info(" ".join(command))
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, os.cpu_count() // nproc)))}
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
                 logger.info(line.rstrip())
         if proc.returncode != 0:
             raise RuntimeError(f"training exited with status {proc.returncode}; see the log above")
-    return {"url": str(final), "fingerprint": _file_hash(final / "model.safetensors")}
+    return {"url": str(final), "fingerprint": _file_hash(final / "model.safetensors"), "mlflow_run_id": trained_in}
 
 
 @task(name="convert", **CACHED)
@@ -169,17 +175,3 @@ def register(converted: Stage, exported: Stage, evaluated: Stage, settings: Regi
         f"champion ({result['reason']})"
     )
     return result
-
-
-def log_training_metrics(run_id: str, metrics_jsonl: Path) -> None:
-    """Per-step training metrics (the run's metrics.jsonl) into the pipeline's MLflow run."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
-
-    records = [json.loads(line) for line in metrics_jsonl.read_text().splitlines()]
-    now = int(time.time() * 1000)
-    batch = [Metric(f"train/{k}", float(v), now, r["step"]) for r in records if "step" in r
-             for k, v in r.items() if k != "step" and isinstance(v, int | float) and math.isfinite(v)]  # fmt: skip
-    client = MlflowClient()
-    for i in range(0, len(batch), 1000):
-        client.log_batch(run_id, metrics=batch[i : i + 1000])

@@ -20,12 +20,12 @@ from tqdm import tqdm
 from clt_core.config import Config
 from clt_core.convert.calibrate import l0_per_layer, layer_scales
 from clt_core.convert.theta import ESTIMATORS, ThresholdStats
-from clt_core.data.sampler import held_out_range, normalized_batches
+from clt_core.data.sampler import held_out_batches, held_out_range, output_dtype
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.directory import full_state, load, write_atomically, write_model
-from clt_core.train.evaluation import reconstruction_metrics
+from clt_core.model.metrics import reconstruction_metrics
 
 SUMMARY_FILE = "conversion.json"
 
@@ -84,7 +84,7 @@ def convert(
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists() and not overwrite:
         raise ConfigError(f"{out} exists; pass --overwrite to replace it")
-    model, normalizer, source, _ = load(checkpoint, device=config.device)
+    model, normalizer, source, _ = trained = load(checkpoint, device=config.device)
     if model.config.activation_fn not in ("batchtopk", "topk"):
         raise ConfigError(f"{checkpoint} is a {model.config.activation_fn} model; only batchtopk/topk models convert")
     data = data or source.get("data")
@@ -106,12 +106,18 @@ def convert(
     fit_stop, eval_stop = start + fit_rows, min(stop, start + fit_rows + config.eval_rows)
     device = config.device
 
+    training = trained.sampler  # rows read as training read them: its dtype, its NaN/Inf policy
+
+    def batches(rows: tuple[int, int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for b in held_out_batches(store, normalizer, batch_size, rows=rows, dtype=output_dtype(store, training),
+                                  nonfinite=training.nonfinite):  # fmt: skip
+            yield b.inputs.to(device, torch.float32), b.targets.to(device, torch.float32)
+
     def fit_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for x, y in normalized_batches(store, normalizer, start, fit_stop, batch_size):
-            yield x.to(device), y.to(device)
+        return batches((start, fit_stop))
 
     def evaluate(m: CrossLayerTranscoder) -> dict[str, Any]:
-        return reconstruction_metrics(m, normalized_batches(store, normalizer, fit_stop, eval_stop, batch_size), device)
+        return reconstruction_metrics(m, batches((fit_stop, eval_stop)), device)
 
     bar = tqdm(total=4, desc="convert", unit="stage", disable=not progress)
     before = evaluate(model)

@@ -9,7 +9,7 @@ the stream position. Resuming re-derives everything else from the seed.
 
 A background thread reads, shuffles, converts and normalises the next windows (at most `prefetch_windows` ahead,
 none past `read_ahead_until`) while the caller trains on the current one. The held-out chunks are never in the
-stream; `holdout_batches` reads them in order for evaluation.
+stream; `held_out_batches` reads them in order for evaluation.
 
 Rows holding NaN or Inf are found as chunks are read: by default (`nonfinite: error`) they stop the sampler with the
 store and the first bad rows named; with `nonfinite: skip` they are left out of their window. The state then also
@@ -467,37 +467,6 @@ class ActivationSampler:
         self.close()
 
 
-def holdout_batches(
-    store: ActivationStore, config: SamplerConfig, batch_size: int | None = None, max_rows: int | None = None
-) -> Iterator[ActivationRows]:
-    """The held-out rows in store order, prepared like training batches; the last batch may be smaller."""
-    _, held = split_chunks(store.num_chunks, config.holdout_fraction)
-    if len(held) == 0:
-        raise StoreError(f"{store.url}: no held-out chunks; set holdout_fraction > 0")
-    normalizer = make_normalizer(store, config.normalization_method)
-    dtype = output_dtype(store, config)
-    size = batch_size or config.batch_size
-    budget = max_rows if max_rows is not None else store.num_rows
-    buffer: list[ActivationRows] = []
-    buffered = 0
-    for index, chunk in enumerate(store.iter_chunks(held.start, held.stop), start=held.start):
-        if budget <= 0:
-            break
-        chunk = ActivationRows(*(t[:budget] for t in chunk))
-        chunk = _finite_only(store, chunk, index * store.rows_per_chunk, config.nonfinite)
-        budget -= len(chunk.token_ids)
-        buffer.append(chunk)
-        buffered += len(chunk.token_ids)
-        while buffered >= size:
-            joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
-            yield _prepare(ActivationRows(*(t[:size] for t in joined)), normalizer, dtype)
-            rest = ActivationRows(*(t[size:] for t in joined))
-            buffer, buffered = [rest], len(rest.token_ids)
-    if buffered:
-        joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
-        yield _prepare(joined, normalizer, dtype)
-
-
 def held_out_range(store: ActivationStore, holdout_fraction: float) -> tuple[int, int]:
     """Rows [start, stop) of the store's held-out chunks (the tail that training never samples)."""
     _, held = split_chunks(store.num_chunks, holdout_fraction)
@@ -506,14 +475,34 @@ def held_out_range(store: ActivationStore, holdout_fraction: float) -> tuple[int
     return held.start * store.rows_per_chunk, store.num_rows
 
 
-def normalized_batches(
-    store: ActivationStore, normalizer: Normalizer | None, start: int, stop: int, size: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) of rows [start, stop) in float32, normalised with `normalizer` (e.g. a model's own), `size`
-    rows at a time."""
-    for lo in range(start, stop, size):
-        rows = store.read(lo, min(lo + size, stop))
-        x, y = rows.inputs.float(), rows.targets.float()
-        if normalizer is not None:
-            x, y = normalizer.inputs(x), normalizer.targets(y)
-        yield x, y
+def held_out_batches(
+    store: ActivationStore,
+    normalizer: Normalizer | None,
+    batch_size: int,
+    *,
+    rows: tuple[int, int],
+    dtype: torch.dtype,
+    nonfinite: str = "error",
+) -> Iterator[ActivationRows]:
+    """Rows [start, stop) in store order (the held-out rows of `held_out_range`, or part of them), prepared as
+    training prepares its batches: rows holding NaN/Inf left out (`nonfinite: skip`) or refused (`error`),
+    normalised with `normalizer` (the model's own), in `dtype`; `batch_size` rows a batch, the last may be smaller.
+    The one reader of held-out rows: training's evaluation, convert and evaluate all read through it."""
+    start, stop = rows
+    buffer: list[ActivationRows] = []
+    buffered = 0
+    lo = start
+    while lo < stop:
+        hi = min(stop, (lo // store.rows_per_chunk + 1) * store.rows_per_chunk)  # one chunk (or its rest) a read
+        part = _finite_only(store, store.read(lo, hi), lo, nonfinite)
+        lo = hi
+        buffer.append(part)
+        buffered += len(part.token_ids)
+        while buffered >= batch_size:
+            joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
+            yield _prepare(ActivationRows(*(t[:batch_size] for t in joined)), normalizer, dtype)
+            rest = ActivationRows(*(t[batch_size:] for t in joined))
+            buffer, buffered = [rest], len(rest.token_ids)
+    if buffered:
+        joined = ActivationRows(*(torch.cat(ts) for ts in zip(*buffer, strict=True)))
+        yield _prepare(joined, normalizer, dtype)

@@ -71,9 +71,10 @@ def reconstruction_report(model_dir: Path, config: EvaluateConfig) -> dict[str, 
 
 def spliced_report(model_dir: Path, config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Spliced-in CE/KL of the model directory's CLT in its language model."""
-    from clt_core.extract.extractor import batched_windows
-    from clt_core.extract.models import capture_points, resolve_model
-    from clt_core.extract.text import TextConfig, iter_windows, limit_rows
+    from clt_core.lm.capture import capture_points
+    from clt_core.lm.corpora import TextConfig
+    from clt_core.lm.loading import resolve_model
+    from clt_core.lm.windows import batched_windows, iter_windows, limit_rows
 
     device = resolve_device(config.device)
     model, normalizer, _, _ = trained = load(model_dir, device=device)

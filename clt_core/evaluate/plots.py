@@ -10,7 +10,6 @@ import torch
 
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
-from clt_core.train.evaluation import plot_feature_density
 
 __all__ = ["plot_feature_density", "plot_layer_metrics", "plot_thresholds", "plot_training_curves"]
 
@@ -91,6 +90,31 @@ def plot_training_curves(metrics_jsonl: Path, path: Path) -> Path:
         ax.plot(steps, values, label=key, marker="o" if len(points) < 5 else None)
     ax.set(xlabel="step", yscale="log", title="training curves")
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_feature_density(density: torch.Tensor, path: Path) -> Path:
+    """Histogram of log10 firing frequency per layer (dead features counted at the left edge)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = density.shape[0]
+    floor = 1e-7
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = torch.linspace(-7, 0, 57).numpy()
+    for layer in range(L):
+        values = density[layer].clamp_min(floor).log10().numpy()
+        ax.hist(values, bins=bins, histtype="step", label=f"layer {layer}" if L <= 12 else None)
+    dead = float((density == 0).double().mean())
+    ax.set(xlabel="log10 fraction of held-out tokens a feature fires on", ylabel="features")
+    ax.set_title(f"feature density per layer ({dead:.1%} dead, at the left edge)")
+    if L <= 12:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -16,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from clt_core.data.sampler import held_out_range, normalized_batches
+from clt_core.data.sampler import held_out_batches, held_out_range, output_dtype
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.directory import load, read_source
-from clt_core.train.evaluation import reconstruction_metrics
+from clt_core.model.metrics import reconstruction_metrics
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,12 @@ def evaluate_model(
     stop = min(stop, start + max_rows)
     if stop <= start:
         raise ConfigError(f"{store.url}: no held-out rows left to evaluate on")
-    # Rows are read and normalised on the CPU; reconstruction_metrics moves each batch to `device`.
-    metrics = reconstruction_metrics(model, normalized_batches(store, normalizer, start, stop, batch_size), device)
+    # Rows are read as training read them (its dtype, its NaN/Inf policy) and normalised on the CPU;
+    # reconstruction_metrics moves each batch to `device`.
+    training = trained.sampler
+    batches = held_out_batches(store, normalizer, batch_size, rows=(start, stop), dtype=output_dtype(store, training),
+                               nonfinite=training.nonfinite)  # fmt: skip
+    metrics = reconstruction_metrics(model, ((b.inputs, b.targets) for b in batches), device)
     density = metrics.pop("feature_density").cpu()
     dead, dense = density == 0, density > dense_threshold
     metrics.update(

@@ -32,9 +32,8 @@ from tqdm import tqdm
 
 from clt_core.data.sampler import Normalizer
 from clt_core.errors import ConfigError
-from clt_core.extract.models import CapturePoints, module_at, traced
-from clt_core.extract.text import PackedWindow
-from clt_core.model.activations import select_topk
+from clt_core.lm.capture import CapturePoints, module_at, traced
+from clt_core.lm.windows import PackedWindow
 from clt_core.model.clt import CrossLayerTranscoder
 
 Replacement = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -71,20 +70,14 @@ class CLTReplacement:
         x = x.to(m.W_enc.device, torch.float32)
         if self.stats is not None:
             x = (x - self.stats[0][layer]) / self.stats[1][layer]
-        pre = x @ m.W_enc[layer].T + m.b_enc[layer]
-        kind = m.config.activation_fn
-        if kind == "jumprelu":
-            return pre * (pre > m.threshold[layer])
-        if kind == "relu":
-            return pre.clamp_min(0)
-        return select_topk(pre[:, None], m.config.k, kind == "batchtopk", "per_layer", m.shards)[:, 0]
+        return m.activate_layer(layer, m.encode_layer(layer, x))
 
     def add_features(self, layer: int, acts: torch.Tensor) -> None:
         m = self.model
         L, d = m.config.num_layers, m.config.d_model
         if self.partial is None:
             self.partial = torch.zeros(acts.shape[0], L, d, device=acts.device)
-        self.partial[:, layer:] += (acts @ m.W_dec[layer].reshape(acts.shape[1], -1)).reshape(-1, L - layer, d)
+        self.partial[:, layer:] += m.decode_layer(layer, acts).reshape(-1, L - layer, d)
 
     def output(self, layer: int) -> torch.Tensor:
         """The raw reconstruction `[N, d]` of layer `layer` from the features added so far."""

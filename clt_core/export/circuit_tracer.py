@@ -15,7 +15,7 @@ What circuit-tracer 0.5 reads (checked in its source, `circuit_tracer/transcoder
   MLP so that `mlp.hook_in` is the MLP's input and `mlp.hook_out` its output; its nnsight backend maps these names to
   modules per architecture (Llama and Qwen3: `mlp.hook_in` = `post_attention_layernorm` output = the MLP input,
   `mlp.hook_out` = the `mlp` output; Gemma 2/3: `hook_mlp_out` = `post_feedforward_layernorm` output). We capture the
-  MLP's input and output (the architecture presets of `clt_core.extract.models`), so a Llama model exports with
+  MLP's input and output (the architecture presets of `clt_core.lm.capture`), so a Llama model exports with
   `mlp.hook_in` / `mlp.hook_out`; a Gemma target after the post-MLP norm exports as `hook_mlp_out`. Templates that map
   to no circuit-tracer hook are refused unless the hooks are given.
 

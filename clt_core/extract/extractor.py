@@ -10,7 +10,6 @@ disjoint row ranges of one store (see `clt_core.data.shards`).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,9 +32,11 @@ from clt_core.data.shards import (
 from clt_core.data.store import ActivationStore, DType
 from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError, StoreError
-from clt_core.extract.models import CapturePoints, LoadedModel, capture_points, module_at, resolve_model, traced
-from clt_core.extract.text import PackedWindow, TextConfig, corpus_rows, iter_windows, rows_between
 from clt_core.extract.writer import BackgroundWriter
+from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
+from clt_core.lm.corpora import TextConfig
+from clt_core.lm.loading import LoadedModel, resolve_model
+from clt_core.lm.windows import batched_windows, corpus_rows, iter_windows, rows_between
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Aliases whose tokenizer reports a BOS the model was not trained to start documents with.
@@ -142,52 +143,6 @@ def _open_or_create(
                 "resume with the same settings, or pass --overwrite to start over"
             )
     return store
-
-
-def batched_windows(windows: Iterator[PackedWindow], size: int) -> Iterator[list[PackedWindow]]:
-    batch: list[PackedWindow] = []
-    for window in windows:
-        batch.append(window)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-class NNsightCapture:
-    """Reads every layer's MLP input and output in one traced forward that stops after the last of them."""
-
-    def __init__(self, model: torch.nn.Module, points: CapturePoints) -> None:
-        self.traced = traced(model)
-        self.points = points
-
-    def _module(self, name: str) -> Any:
-        return module_at(self.traced, name)
-
-    def __call__(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[B, T]` token ids -> inputs and targets `[B, T, L, d]`."""
-        points = self.points
-        saved: list[Any] = []
-        from nnsight import save
-
-        with torch.inference_mode(), self.traced.trace(input_ids) as tracer:
-            for layer in range(points.num_layers):
-                source = self._module(points.input_name(layer))
-                sink = self._module(points.output_name(layer))
-                saved.append(save(getattr(source, points.input_kind)))
-                saved.append(save(getattr(sink, points.output_kind)))
-            tracer.stop()
-        inputs = torch.stack([_tensor(t) for t in saved[0::2]], dim=2)
-        targets = torch.stack([_tensor(t) for t in saved[1::2]], dim=2)
-        return inputs, targets
-
-
-def _tensor(value: Any) -> torch.Tensor:
-    """A module's input is saved as its first positional argument; some outputs are tuples."""
-    while isinstance(value, tuple | list):
-        value = value[0]
-    return value
 
 
 def extract(

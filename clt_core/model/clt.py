@@ -117,13 +117,48 @@ class CrossLayerTranscoder(nn.Module):
             return pre.clamp_min(0)
         return select_topk(pre, cfg.k, cfg.activation_fn == "batchtopk", cfg.topk_scope, self.shards)
 
+    # -- one layer at a time (spliced-in evaluation, the replacement model) -------------------------------------------
+
+    def encode_layer(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Normalised MLP inputs of one layer `[N, d]` -> its pre-activations `[N, F_local]`."""
+        return x @ self.W_enc[layer].T + self.b_enc[layer]
+
+    def activate_layer(self, layer: int, pre: torch.Tensor) -> torch.Tensor:
+        """One layer's pre-activations `[N, F_local]` -> its activations (batchtopk: the k·N largest of the N rows;
+        a global k spans layers, so it has no one-layer form)."""
+        cfg = self.config
+        if cfg.activation_fn == "jumprelu":
+            return jumprelu(pre[:, None], self.log_threshold[layer : layer + 1], cfg.jumprelu_bandwidth)[:, 0]
+        if cfg.activation_fn == "relu":
+            return pre.clamp_min(0)
+        if cfg.topk_scope == "global":
+            raise ConfigError(f"a {cfg.activation_fn} model with a global k has no per-layer activation")
+        return select_topk(pre[:, None], cfg.k, cfg.activation_fn == "batchtopk", "per_layer", self.shards)[:, 0]
+
+    def decode_layer(
+        self, layer: int, acts: torch.Tensor, sparse: bool | None = None, grad_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Activations of one source layer `[N, F_local]` -> this shard's decoding of them into layers
+        `layer..L-1`, `[N, (L-layer)·d]` (no bias, not summed over shards). `sparse`: decode the active rows only
+        (default: for topk/batchtopk, or below `sparse_decode_density`)."""
+        W = self.W_dec[layer]
+        if sparse is None:
+            sparse = self._decodes_sparsely(acts)
+        return decode(acts, W.reshape(W.shape[0], -1), sparse, grad_mask)
+
+    def _decodes_sparsely(self, acts: torch.Tensor) -> bool:
+        cfg = self.config
+        return (
+            cfg.activation_fn in ("batchtopk", "topk") or (acts != 0).float().mean().item() < cfg.sparse_decode_density
+        )
+
+    # -- every layer ------------------------------------------------------------------------------------------------
+
     def decode(self, acts: torch.Tensor, pre: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
         """Activations `[B, L, F_local]` -> reconstruction `[B, L, d]`, summed over shards (+ `b_dec`)."""
         cfg = self.config
         B, L, d = acts.shape[0], cfg.num_layers, cfg.d_model
-        sparse = cfg.activation_fn in ("batchtopk", "topk") or (
-            (acts != 0).float().mean().item() < cfg.sparse_decode_density
-        )
+        sparse = self._decodes_sparsely(acts)
         grad_mask = None
         if sparse and cfg.activation_fn == "jumprelu" and pre is not None and self.log_threshold.requires_grad:
             # Entries just below their threshold are 0 but carry the threshold's gradient.
@@ -132,9 +167,7 @@ class CrossLayerTranscoder(nn.Module):
         dtype = torch.promote_types(self.b_dec.dtype, torch.float32)
         out = torch.zeros(B, L * d, dtype=dtype, device=acts.device)
         for s in range(L):
-            W = self.W_dec[s].reshape(self.num_local_features, (L - s) * d)
-            mask = None if grad_mask is None else grad_mask[:, s]
-            out[:, s * d :] += decode(acts[:, s], W, sparse, mask)
+            out[:, s * d :] += self.decode_layer(s, acts[:, s], sparse, None if grad_mask is None else grad_mask[:, s])
         out = self.shards.sum_partials(out).reshape(B, L, d)
         return out + self.b_dec if bias else out
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clt_core.config import format_validation_error
-from clt_core.data.sampler import Normalizer
+from clt_core.data.sampler import Normalizer, SamplerConfig
 from clt_core.errors import CLTError, ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
@@ -60,6 +60,13 @@ class TrainedModel(NamedTuple):
     def store_info(self) -> dict[str, Any]:
         """That store's metadata (language model, hook templates, context size); {} if unknown."""
         return self.source.get("store", {})
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        """How training drew its batches (held-out split, dtype, `nonfinite`); the defaults where not recorded (fields
+        this version does not know are ignored)."""
+        recorded = self.source.get("sampler") or {}
+        return SamplerConfig.model_validate({k: v for k, v in recorded.items() if k in SamplerConfig.model_fields})
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", shards: FeatureShards | None = None) -> TrainedModel:

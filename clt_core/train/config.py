@@ -57,7 +57,7 @@ class TrainConfig(Config):
     threads: int | None = Field(None, ge=1)
     """CPU threads of the step (torch's intra-op threads). None: all cores, except for small steps (under 1 GFLOP
     of encoder work, e.g. L=4, d=64, F=512, B=512), which run on one and leave the other cores to the sampler's
-    reads; OMP_NUM_THREADS, when set, is kept."""
+    reads; OMP_NUM_THREADS, when the user set it (not the launcher), is kept."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     log_interval: int = Field(50, ge=1)

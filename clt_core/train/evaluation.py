@@ -1,16 +1,15 @@
-"""Metrics of a CLT on a store's held-out rows: NMSE, explained variance and L0 per layer, and feature density."""
+"""Training's held-out evaluation: the store's held-out rows, read as training reads its batches."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from clt_core.data.sampler import SamplerConfig, holdout_batches
+from clt_core.data.sampler import SamplerConfig, held_out_batches, held_out_range, make_normalizer, output_dtype
 from clt_core.data.store import ActivationStore
 from clt_core.model.clt import CrossLayerTranscoder
+from clt_core.model.metrics import reconstruction_metrics
 
 
 @torch.no_grad()
@@ -18,77 +17,10 @@ def evaluate_holdout(
     model: CrossLayerTranscoder, store: ActivationStore, sampler: SamplerConfig, max_rows: int, device: str = "cpu"
 ) -> dict[str, Any]:
     """Per-layer metrics over up to `max_rows` held-out rows (every rank reads the same rows)."""
-    batches = ((b.inputs, b.targets) for b in holdout_batches(store, sampler, max_rows=max_rows))
-    return reconstruction_metrics(model, batches, device)
-
-
-@torch.no_grad()
-def reconstruction_metrics(
-    model: CrossLayerTranscoder, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: str = "cpu"
-) -> dict[str, Any]:
-    """NMSE, explained variance and L0 per layer, dead fraction and feature density over (inputs, targets) batches
-    of normalised rows."""
-    L = model.config.num_layers
-    # Sums stay on `device` until the end: one transfer, not a host sync per batch. Firing is counted in integers
-    # (exact, like the float64 sums of 0/1 it replaces, without a float64 copy of the activations per batch).
-    sums = torch.zeros(4, L, dtype=torch.float64, device=device)  # squared error, error, y, y²
-    fired = torch.zeros(L, model.num_local_features, dtype=torch.int64, device=device)
-    rows = 0
-    d = model.config.d_model
-    for inputs, targets in batches:
-        x = inputs.to(device, torch.float32)
-        y = targets.to(device, torch.float32)
-        out = model(x)
-        err = (out.reconstruction - y).double()
-        y64 = y.double()
-        sums[0] += err.pow(2).sum(dim=(0, 2))
-        sums[1] += err.sum(dim=(0, 2))
-        sums[2] += y64.sum(dim=(0, 2))
-        sums[3] += y64.pow(2).sum(dim=(0, 2))
-        fired += (out.activations != 0).sum(dim=0)
-        rows += x.shape[0]
-    sq_err, err_sum, sum_y, sum_y2 = sums.cpu()
-    fired = fired.cpu().double()
-    active = fired.sum(dim=1)
-    shards = model.shards
-    shards.all_reduce(active)
-    n = rows * d
-    var_y = sum_y2 / n - (sum_y / n) ** 2
-    var_err = sq_err / n - (err_sum / n) ** 2
-    nmse = (sq_err / n) / var_y.clamp_min(1e-12)
-    density = shards.all_gather_cat(fired / max(rows, 1), dim=1)  # [L, F]
-    return {
-        "rows": rows,
-        "nmse": nmse.tolist(),
-        "explained_variance": (1 - var_err / var_y.clamp_min(1e-12)).tolist(),
-        "l0": (active / max(rows, 1)).tolist(),
-        "mean_nmse": float(nmse.mean()),
-        "total_l0": float(active.sum() / max(rows, 1)),
-        "dead_fraction": float((density == 0).double().mean()),
-        "feature_density": density,
-    }
-
-
-def plot_feature_density(density: torch.Tensor, path: Path) -> Path:
-    """Histogram of log10 firing frequency per layer (dead features counted at the left edge)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    L = density.shape[0]
-    floor = 1e-7
-    fig, ax = plt.subplots(figsize=(7, 4))
-    bins = torch.linspace(-7, 0, 57).numpy()
-    for layer in range(L):
-        values = density[layer].clamp_min(floor).log10().numpy()
-        ax.hist(values, bins=bins, histtype="step", label=f"layer {layer}" if L <= 12 else None)
-    dead = float((density == 0).double().mean())
-    ax.set(xlabel="log10 fraction of held-out tokens a feature fires on", ylabel="features")
-    ax.set_title(f"feature density per layer ({dead:.1%} dead, at the left edge)")
-    if L <= 12:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    start, stop = held_out_range(store, sampler.holdout_fraction)
+    normalizer = make_normalizer(store, sampler.normalization_method)
+    batches = held_out_batches(
+        store, normalizer, sampler.batch_size, rows=(start, min(stop, start + max_rows)),
+        dtype=output_dtype(store, sampler), nonfinite=sampler.nonfinite,
+    )  # fmt: skip
+    return reconstruction_metrics(model, ((b.inputs, b.targets) for b in batches), device)

@@ -27,11 +27,12 @@ from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.directory import gather_full, local_slice
 from clt_core.model.directory import save as save_model
-from clt_core.tracking import JsonlTracker, MlflowTracker, Tracker, Trackers
+from clt_core.tracking import JsonlTracker, MlflowTracker, Trackers
 from clt_core.train.checkpoint import load_training_state, read_trainer_state, save_checkpoint
 from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
-from clt_core.train.evaluation import evaluate_holdout, plot_feature_density
+from clt_core.train.evaluation import evaluate_holdout
+from clt_core.train.launch import threads_set_by_user
 from clt_core.train.memory import check_fits, estimate_memory, small_step
 from clt_core.train.schedules import lr_factor
 from clt_core.train.step import TrainStep, uses_sparse_path
@@ -96,20 +97,24 @@ def checkpoints(output_dir: Path, *, warn: bool = False) -> list[Path]:
 
 
 def train(
-    config: TrainConfig, *, resume: bool = False, tracker: Tracker | None = None, progress: bool = True
+    config: TrainConfig, *, resume: bool = False, progress: bool = True, progress_every: float | None = None
 ) -> TrainResult:
-    """Train (or, with `resume`, continue training) a CLT on `config.data`; see TrainConfig."""
+    """Train (or, with `resume`, continue training) a CLT on `config.data`; see TrainConfig. `progress`: a tqdm bar;
+    `progress_every`: instead, a line on stdout every that many seconds and at the end (for logs, not terminals).
+
+    Metrics go to `metrics.jsonl`, and to MLflow when `mlflow_tracking_uri` is set (a run of their own) or
+    `MLFLOW_RUN_ID` names a run (a pipeline's: metrics, params and plots under `train/`)."""
     if config.data is None:
         raise ConfigError("no training data: pass --data URL (or set `data:` in the config)")
     device = resolve_device(config.device)
     shards = init_feature_shards(device)
     try:
-        return _train(config, shards, device, resume, tracker, progress)
+        return _train(config, shards, device, resume, progress, progress_every)
     finally:
         close_feature_shards(shards)
 
 
-def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Tracker | None, progress: bool):
+def _train(config: TrainConfig, shards, device: str, resume: bool, progress: bool, progress_every: float | None):
     out_dir = Path(config.output_dir)
     store = ActivationStore.open(config.data)
     geometry = {"num_layers": store.num_layers, "d_model": store.d_model}
@@ -132,7 +137,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
     check_fits(estimate, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    elif device == "cpu" and "OMP_NUM_THREADS" not in os.environ and small_step(model_cfg, config, shards.world_size):
+    elif device == "cpu" and not threads_set_by_user() and small_step(model_cfg, config, shards.world_size):
         torch.set_num_threads(1)  # a second thread gains less than the sampler's reads lose without a core
     torch.manual_seed(config.seed)
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
@@ -164,18 +169,21 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         # No window after the run's last batch is read at all (reading ahead would only compete with the step).
         sampler.read_ahead_until(sampler.position + (config.training_steps - step) * config.sampler.batch_size)
         sampler.start()  # the first window's problems (e.g. rows holding NaN/Inf) surface before anything is written
-    plots = bool(config.mlflow_tracking_uri) or tracker is not None
+    tracker: Trackers | None = None
+    mlflow: MlflowTracker | None = None
     if shards.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "train_config.yaml").write_text(config.to_yaml())
-        sinks: list[Tracker] = [JsonlTracker(out_dir / "metrics.jsonl")]
-        if config.mlflow_tracking_uri:
-            sinks.append(MlflowTracker(config.mlflow_tracking_uri, config.mlflow_experiment, out_dir.name))
-        tracker = Trackers(*sinks, *([tracker] if tracker is not None else []))
-    else:
-        tracker = None
-    if tracker is not None and step == 0:
-        tracker.log_params({"model": model_cfg.model_dump(mode="json"), **config.model_dump(mode="json")})
+        jsonl = JsonlTracker(out_dir / "metrics.jsonl")
+        mlflow = _mlflow_tracker(config, out_dir.name)
+        # The resolved model config (num_layers and d_model from the store); no tracking URI (it may hold a password).
+        params = config.model_dump(mode="json", exclude={"mlflow_tracking_uri"})
+        params["model"] = model_cfg.model_dump(mode="json")
+        if step == 0:
+            jsonl.log_params(params)
+        if mlflow is not None:
+            mlflow.log_params(params)  # every start: a resumed run logs into a new MLflow run
+        tracker = Trackers(jsonl, *([mlflow] if mlflow is not None else []))
 
     batch_tokens = config.sampler.batch_size
     bar = tqdm(
@@ -183,10 +191,15 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         initial=step,
         unit="step",
         desc="train",
-        disable=not progress or shards.rank != 0,
+        disable=not progress or progress_every is not None or shards.rank != 0,
     )
+    lines = None
+    if progress_every is not None and shards.rank == 0:
+        lines = _ProgressLines(config.training_steps, step, batch_tokens, progress_every)
     if shards.rank == 0 and step < config.training_steps:  # after every refusal above: each is its one line
-        print(f"estimated peak memory per rank: {estimate.describe()}", flush=True)
+        n = torch.get_num_threads()
+        threads = f"; {n} CPU thread{'s' if n > 1 else ''} per rank" if device == "cpu" else ""
+        print(f"estimated peak memory per rank: {estimate.describe()}{threads}", flush=True)
     evaluation: dict[str, Any] = {}
     started, start_step = time.perf_counter(), step
     batches = iter(sampler)
@@ -210,6 +223,10 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
                 bar.set_postfix_str(f"loss {metrics['loss/total']:.4g}, {rate:,.0f} tok/s")
                 if tracker is not None:
                     tracker.log_metrics(metrics, step)
+                if lines is not None:
+                    lines.loss = metrics["loss/total"]
+            if lines is not None:
+                lines.maybe_print(step, evaluation)
             if step % config.eval_interval == 0 or step == config.training_steps:
                 evaluation = _evaluate(model, store, config, device, tracker, step)
             if step % config.checkpoint_interval == 0 or step == config.training_steps:
@@ -228,11 +245,63 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, tracker: Trac
         sampler.close()
     save_model(out_dir / "final", model, *extras)
     if tracker is not None:
-        if evaluation and plots:  # for MLflow and the flows: matplotlib's import alone is a second of a small run
+        if evaluation and mlflow is not None:  # for MLflow only: importing matplotlib takes a second of a small run
+            from clt_core.evaluate.plots import plot_feature_density
+
             plot = plot_feature_density(evaluation["feature_density"], out_dir / "final" / "feature_density.png")
             tracker.log_artifact(plot)
         tracker.close()
+    if lines is not None:
+        lines.print(step, evaluation)
     return TrainResult(out_dir, out_dir / "final", step, evaluation)
+
+
+def _mlflow_tracker(config: TrainConfig, run_name: str) -> MlflowTracker | None:
+    """Into the MLflow run `MLFLOW_RUN_ID` names (a pipeline's, shared with other stages: names under `train/`),
+    else into a new run when `mlflow_tracking_uri` is set, else none."""
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):  # the run lives where MLFLOW_TRACKING_URI points, if set
+        uri = os.environ.get("MLFLOW_TRACKING_URI") or config.mlflow_tracking_uri
+        return MlflowTracker(uri, run_id=run_id, prefix="train/")
+    if config.mlflow_tracking_uri:
+        return MlflowTracker(config.mlflow_tracking_uri, config.mlflow_experiment, run_name)
+    return None
+
+
+class _ProgressLines:
+    """Progress for logs: a line on stdout every `seconds` (and one at the end) with the step, the last logged loss,
+    tokens/s since this process started, the ETA and the latest held-out NMSE; no bar redraws."""
+
+    def __init__(self, total: int, step: int, batch_tokens: int, seconds: float) -> None:
+        self.total, self.first, self.batch_tokens, self.seconds = total, step, batch_tokens, seconds
+        self.started = self.last = time.perf_counter()
+        self.loss: float | None = None
+
+    def maybe_print(self, step: int, evaluation: dict[str, Any]) -> None:
+        """A line if `seconds` have passed since the last one (the last step's line comes from `print` at the end)."""
+        if step < self.total and time.perf_counter() - self.last >= self.seconds:
+            self.print(step, evaluation)
+
+    def print(self, step: int, evaluation: dict[str, Any]) -> None:
+        self.last = time.perf_counter()
+        done, elapsed = step - self.first, self.last - self.started
+        parts = [f"step {step}/{self.total} ({100 * step / self.total:.0f}%)"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4g}")
+        if done > 0:
+            parts.append(f"{done * self.batch_tokens / elapsed:,.0f} tok/s")
+            left = (self.total - step) * elapsed / done
+            parts.append(f"ETA {_duration(left)}" if step < self.total else f"done in {_duration(elapsed)}")
+        if evaluation:
+            parts.append(f"held-out NMSE {evaluation['mean_nmse']:.4g}")
+        print(f"train: {', '.join(parts)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """`42s`, `3m07s`, `2h05m`."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _step_metrics(result, batch, shards, optimizer, since_fired, config) -> dict[str, float]:

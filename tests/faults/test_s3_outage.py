@@ -29,7 +29,7 @@ from clt_core.data.store import ActivationStore
 from clt_core.data.verify import verify_store
 from clt_core.errors import StoreError
 from clt_core.extract.extractor import ExtractConfig, extract
-from clt_core.extract.text import TextConfig
+from clt_core.lm.corpora import TextConfig
 from infra.stack.seaweedfs import S3Server, SeaweedFS
 
 TOKENS, CHUNK = 700, 64

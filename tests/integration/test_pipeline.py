@@ -45,6 +45,17 @@ def test_stages_run_then_cache_then_rerun_from_training(
     assert run.data.params["train.training_steps"] == "30" and "eval/mean_nmse" in run.data.metrics
     assert run.data.tags["store"] == first["store"]
     assert len(client.get_metric_history(run.info.run_id, "train/loss/total")) >= 3
+    # Logged by the training subprocess itself: the resolved model geometry, not the config's unset values.
+    from clt_core.data.store import ActivationStore
+
+    store = ActivationStore.open(first["scrambled"])
+    assert run.data.params["train/model.num_layers"] == str(store.num_layers) and run.data.params[
+        "train/model.d_model"] == str(store.d_model)  # fmt: skip
+    assert run.data.params["train/training_steps"] == "30" and "train/eval/mean_nmse" in run.data.metrics
+    # The cached second run holds no training metrics of its own: it names the run that trained.
+    cached = client.get_run(second["mlflow_run_id"])
+    assert cached.data.tags["train_run_id"] == first["mlflow_run_id"]
+    assert not any(key.startswith("train/") for key in cached.data.metrics)
 
     # The registry from the command line: list the versions, fetch the champion's circuit-tracer files.
     from clt_core.cli import main

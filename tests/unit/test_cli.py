@@ -179,3 +179,47 @@ def test_train_refuses_bad_runs_in_one_line(synthetic: str, tmp_path: Path, caps
     for argv, message in cases:
         code, _, err = run(capsys, "train", "-q", *argv)
         assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------------------------------- plugins
+def test_models_is_a_plugin_that_clt_help_lists(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import entry_points
+
+    (entry,) = [e for e in entry_points(group="clt_pipeline.commands") if e.name == "models"]
+    assert entry.value == "flows.cli:register"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "Registered models in MLflow" in capsys.readouterr().out
+    code, _, err = run(capsys, "models", "list")
+    assert_one_line_error(code, err, "models", "no MLflow tracking URI")
+
+
+def test_the_core_cli_works_without_the_flows_package(synthetic: str) -> None:
+    """`flows` unimportable (as if not installed): `clt` still runs every core command, and has no `models`."""
+    import subprocess
+    import sys
+
+    def clt(*argv: str) -> subprocess.CompletedProcess[str]:
+        code = "import sys; sys.modules['flows'] = None; from clt_core.cli import main; sys.exit(main(sys.argv[1:]))"
+        return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+
+    help_text = clt("--help")
+    assert help_text.returncode == 0 and "make-synthetic" in help_text.stdout and "models" not in help_text.stdout
+    info = clt("info", synthetic)
+    assert info.returncode == 0 and json.loads(info.stdout)["rows"] == 300, info.stderr
+    missing = clt("models", "list")
+    assert missing.returncode == 2 and "invalid choice: 'models'" in missing.stderr
+
+
+def test_clt_core_never_imports_flows() -> None:
+    import ast
+
+    root = Path(__file__).parents[2] / "clt_core"
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "flows" or n.startswith("flows.")]
+    assert not offenders

@@ -17,9 +17,11 @@ from clt_core.errors import ConfigError
 from clt_core.evaluate import evaluate_model
 from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
 from clt_core.evaluate.spliced import CLTReplacement, SplicedRunner, spliced_metrics
-from clt_core.extract.extractor import ExtractConfig, batched_windows, extract
-from clt_core.extract.models import capture_points, resolve_model
-from clt_core.extract.text import TextConfig, iter_windows, limit_rows
+from clt_core.extract.extractor import ExtractConfig, extract
+from clt_core.lm.capture import capture_points
+from clt_core.lm.corpora import TextConfig
+from clt_core.lm.loading import resolve_model
+from clt_core.lm.windows import batched_windows, iter_windows, limit_rows
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.directory import save

@@ -19,7 +19,7 @@ from clt_core.data.sampler import Normalizer
 from clt_core.errors import CLTError, ConfigError
 from clt_core.export import circuit_tracer as ct
 from clt_core.export import circuit_tracer_hooks, export_circuit_tracer, fold_normalization, load_circuit_tracer
-from clt_core.extract.models import PRESETS, CapturePoints
+from clt_core.lm.capture import PRESETS, CapturePoints
 from clt_core.model.directory import save
 
 

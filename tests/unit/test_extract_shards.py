@@ -19,7 +19,7 @@ from clt_core.data.store import ActivationStore, store_exists
 from clt_core.data.verify import verify_store
 from clt_core.errors import CLTError
 from clt_core.extract.extractor import ExtractConfig, extract
-from clt_core.extract.text import TextConfig
+from clt_core.lm.corpora import TextConfig
 
 TOKENS = 700
 CHUNK = 64

@@ -15,8 +15,10 @@ from clt_core.data.store import ActivationStore
 from clt_core.data.verify import verify_store
 from clt_core.errors import CLTError
 from clt_core.extract.extractor import ExtractConfig, extract
-from clt_core.extract.models import capture_points, capture_with_hooks, resolve_model
-from clt_core.extract.text import TextConfig, iter_windows, limit_rows
+from clt_core.lm.capture import capture_points, capture_with_hooks
+from clt_core.lm.corpora import TextConfig
+from clt_core.lm.loading import resolve_model
+from clt_core.lm.windows import iter_windows, limit_rows
 
 T = 32
 

@@ -419,3 +419,26 @@ def test_per_layer_k_is_checked_before_num_layers_is_known() -> None:
 def test_unknown_config_keys_are_refused() -> None:
     with pytest.raises(ConfigError, match="unknown key 'kk'"):
         CLTConfig.from_dict({"num_layers": 2, "d_model": 3, "num_features": 8, "kk": 4})
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_one_layer_at_a_time_equals_the_whole_forward_pass(activation: str) -> None:
+    """encode_layer → activate_layer → decode_layer, layer by layer (as spliced-in evaluation runs the model),
+    reproduce the all-layer forward pass (per-layer k for topk/batchtopk)."""
+    torch.manual_seed(0)
+    model = make_model(activation, randomise_biases=True)
+    x = torch.randn(8, 3, 4, dtype=F64)
+    out = model(x)
+    L, d = 3, 4
+    recon = torch.zeros(8, L, d, dtype=F64)
+    for layer in range(L):
+        acts = model.activate_layer(layer, model.encode_layer(layer, x[:, layer]))
+        torch.testing.assert_close(acts, out.activations[:, layer])
+        recon[:, layer:] += model.decode_layer(layer, acts).reshape(8, L - layer, d)
+    torch.testing.assert_close(recon + model.b_dec, out.reconstruction)
+
+
+def test_a_global_k_has_no_one_layer_activation() -> None:
+    model = make_model("topk", topk_scope="global")
+    with pytest.raises(ConfigError, match="global k"):
+        model.activate_layer(0, torch.randn(2, 16, dtype=F64))

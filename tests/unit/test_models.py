@@ -12,18 +12,9 @@ import torch
 from tiny_models import MAX_CONTEXT, TINY_CONFIGS, tiny_gpt2, tiny_model
 
 from clt_core.errors import CLTError
-from clt_core.extract import models
-from clt_core.extract.models import (
-    ALIASES,
-    PRESETS,
-    SOURCE_FILE,
-    CapturePoints,
-    ModelError,
-    capture_points,
-    capture_with_hooks,
-    hash_files,
-    resolve_model,
-)
+from clt_core.lm import loading as models
+from clt_core.lm.capture import PRESETS, CapturePoints, capture_points, capture_with_hooks
+from clt_core.lm.loading import ALIASES, SOURCE_FILE, ModelError, hash_files, resolve_model
 
 
 def sha256(path: Path) -> str:
@@ -352,7 +343,7 @@ def test_smollm2_alias_converts_once_and_generates() -> None:
 def test_tracing_leaves_no_save_method_on_every_object(tiny_dirs: dict[str, Path]) -> None:
     """nnsight mounts `.save()` on `object` when imported; left there, a later `import beartype` (Prefect imports it
     lazily) fails with "unhashable type: 'instancemethod'"."""
-    from clt_core.extract.models import traced
+    from clt_core.lm.capture import traced
 
     traced(resolve_model(str(tiny_dirs["llama"])).model)
     assert "save" not in object.__dict__

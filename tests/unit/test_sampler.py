@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from clt_core.data.norm_stats import compute_norm_stats
-from clt_core.data.sampler import ActivationSampler, SamplerConfig, holdout_batches, split_chunks
+from clt_core.data.sampler import ActivationSampler, SamplerConfig, held_out_batches, held_out_range, split_chunks
 from clt_core.data.store import ActivationStore
 from clt_core.errors import StoreError
 
@@ -153,15 +153,20 @@ def test_holdout_rows_are_never_trained_on_and_read_in_order(store: ActivationSt
     assert len(held) == 2
     with ActivationSampler(store, config) as sampler:
         seen = set(torch.cat(take(sampler, 25)).tolist())
-    held_ids = torch.cat([b.token_ids for b in holdout_batches(store, config, batch_size=30)])
+    rows = held_out_range(store, 0.1)
+    batches = held_out_batches(store, None, 30, rows=rows, dtype=torch.float32)
+    held_ids = torch.cat([b.token_ids for b in batches])
     first_held_row = held.start * CHUNK
     assert held_ids.tolist() == list(range(first_held_row, ROWS))
     assert seen == set(range(first_held_row))
 
 
-def test_holdout_batches_respects_max_rows(store: ActivationStore) -> None:
-    batches = list(holdout_batches(store, raw(holdout_fraction=0.2), batch_size=50, max_rows=120))
+def test_held_out_batches_read_a_row_range_across_chunks(store: ActivationStore) -> None:
+    start, _ = held_out_range(store, 0.2)
+    batches = list(held_out_batches(store, None, 50, rows=(start + 5, start + 125), dtype=torch.bfloat16))
     assert [len(b.token_ids) for b in batches] == [50, 50, 20]
+    assert torch.cat([b.token_ids for b in batches]).tolist() == list(range(start + 5, start + 125))
+    assert {b.inputs.dtype for b in batches} == {torch.bfloat16}
 
 
 def test_ranks_read_disjoint_rows_that_cover_the_epoch(store: ActivationStore) -> None:

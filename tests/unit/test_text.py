@@ -16,20 +16,17 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from clt_core.errors import CLTError, ConfigError
-from clt_core.extract import text as text_mod
-from clt_core.extract.text import (
+from clt_core.lm import corpora as text_mod
+from clt_core.lm.corpora import TextConfig, fetch_shakespeare, iter_documents, strip_gutenberg
+from clt_core.lm.windows import (
     PackedWindow,
-    TextConfig,
     corpus_rows,
     count_rows,
-    fetch_shakespeare,
-    iter_documents,
     iter_windows,
     limit_rows,
     pack_windows,
     rows_between,
     separator_ids,
-    strip_gutenberg,
 )
 
 BOS, EOS = "<|bos|>", "<|eos|>"

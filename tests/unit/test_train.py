@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,11 +235,65 @@ def test_metrics_and_the_density_plot_reach_mlflow(store: str, tmp_path: Path) -
     experiment = client.get_experiment_by_name("clt-test")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.data.params["model.activation_fn"] == "batchtopk" and run.data.params["training_steps"] == "20"
-    history = client.get_metric_history(run.info.run_id, "loss.total")
+    # The model's resolved geometry (from the store), not the config's unset values; no tracking URI among the params.
+    assert (run.data.params["model.num_layers"], run.data.params["model.d_model"]) == ("3", "32")
+    assert "mlflow_tracking_uri" not in run.data.params
+    history = client.get_metric_history(run.info.run_id, "loss/total")
     assert [m.step for m in history] == list(range(1, 21))
-    assert run.data.metrics["eval.mean_nmse"] == pytest.approx(result.evaluation["mean_nmse"])
+    assert run.data.metrics["eval/mean_nmse"] == pytest.approx(result.evaluation["mean_nmse"])
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["feature_density.png"]
     assert run.info.status == "FINISHED"
+
+
+def test_a_run_named_by_mlflow_run_id_gets_the_metrics_under_train_and_is_left_running(
+    store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How the pipeline's train task hands its MLflow run to the training subprocess: MLflow's own variables."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("pipeline")).info.run_id
+    client.log_param(run_id, "train.training_steps", "20")  # the pipeline's own params are left alone
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_RUN_ID", run_id)
+    result = train(config(store, tmp_path / "run", log_interval=5), progress=False)
+    run = client.get_run(run_id)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss/total")] == [5, 10, 15, 20]
+    assert run.data.metrics["train/eval/mean_nmse"] == pytest.approx(result.evaluation["mean_nmse"])
+    assert (run.data.params["train/model.num_layers"], run.data.params["train/model.d_model"]) == ("3", "32")
+    assert run.data.params["train/data"] == store and run.data.params["train.training_steps"] == "20"
+    assert [a.path for a in client.list_artifacts(run_id, "train")] == ["train/feature_density.png"]
+    assert run.info.status == "RUNNING"  # it belongs to whoever started it
+    assert len(client.search_runs([run.info.experiment_id])) == 1  # no run of its own
+
+
+def test_mlflow_params_never_hold_a_url_password() -> None:
+    from clt_core.tracking import flatten_params
+
+    params = {"registry": {"tracking_uri": "postgresql://clt:hunter2@db:5432/mlflow"}, "data": "s3://acts/x",
+              "uri": "http://user@host/x", "text": "a:b@c"}  # fmt: skip
+    assert flatten_params(params) == {"registry.tracking_uri": "postgresql://clt:***@db:5432/mlflow",
+                                      "data": "s3://acts/x", "uri": "http://user@host/x", "text": "a:b@c"}  # fmt: skip
+
+
+def test_progress_lines_for_logs_replace_the_bar(store: str, tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from clt_core.cli import main
+
+    args = ["train", "--data", store, "--out", str(tmp_path / "run"), "--num-features", "128", "--activation-fn",
+            "batchtopk", "--k", "4", "--batch-size", "256", "--holdout-fraction", "0.1", "--buffer-chunks", "2",
+            "--training-steps", "20", "--log-interval", "2", "--eval-interval", "10", "--eval-rows", "512",
+            "--progress-every", "0"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capfd.readouterr()
+    pattern = (r"^train: step (\d+)/20 \(\d+%\)(?:, loss [\d.e+-]+)?, [\d,]+ tok/s, "
+               r"(?:ETA|done in) [\dhms]+(?:, held-out NMSE [\d.e+-]+)?$")  # fmt: skip
+    lines = [line for line in out.splitlines() if line.startswith("train:")]
+    steps = [int(re.match(pattern, line).group(1)) for line in lines]  # every line has the format
+    assert steps == list(range(1, 21)), lines  # an interval of 0 s: one line a step, counts increasing
+    assert "loss" in lines[1] and "held-out NMSE" in lines[10] and "held-out NMSE" not in lines[9]
+    assert lines[-1].endswith(tuple("0123456789")) and "done in" in lines[-1] and "ETA" in lines[-2]
+    assert "it/s" not in err and "step/s" not in err and "\r" not in err  # no tqdm bar
 
 
 @pytest.mark.parametrize("activation", ["batchtopk", "jumprelu"])
@@ -266,14 +321,14 @@ def test_a_forged_or_truncated_checkpoint_is_refused_without_running_it(store: s
     original = weights.read_bytes()
     weights.write_bytes(pickle.dumps(Payload()))
     with pytest.raises(CLTError, match="not a valid safetensors file"):
-        load(result.final).model
+        load(result.final)
     assert not marker.exists()  # never unpickled
     weights.write_bytes(original[: len(original) // 2])  # truncated
     with pytest.raises(CLTError, match="damaged"):
-        load(result.final).model
+        load(result.final)
     weights.unlink()
     with pytest.raises(CLTError, match="missing"):
-        load(result.final).model
+        load(result.final)
 
 
 def test_the_memory_estimate_is_printed_and_a_run_that_cannot_fit_is_refused(

@@ -1,19 +1,17 @@
-"""Loading the language model to extract from, and where its MLP inputs and outputs are read.
+"""Loading the language model that activations are read from: spec resolution, loading, the GGUF conversion cache.
 
 `resolve_model` turns what the user typed (a local directory, a `.gguf` file, the alias `smollm2-135m`, or a Hugging
 Face hub id) into a `LoadedModel`: the model in eval mode and the requested dtype, its tokenizer, and the facts the
-store records (name, a sha256 of its weights, architecture, layers, width, context). `capture_points` picks the
-per-architecture MLP input/output modules (or custom templates) and checks them against the model before any batch
-runs; `capture_with_hooks` reads them with plain PyTorch hooks and is the ground truth the nnsight path is tested
-against.
+store records (name, a sha256 of its weights, architecture, layers, width, context). `converted_gguf` keeps a plain
+safetensors copy of a GGUF in the cache; `hash_file`/`hash_files` give the weight hashes, remembered in the cache.
+Where the model's MLP is read is `clt_core.lm.capture`.
 
-transformers 5.x only: 4.x's tokenizer for the SmolLM2 GGUF prepends a wrong BOS (see DESIGN.md).
+transformers 5.x only: 4.x's tokenizer for the SmolLM2 GGUF prepends a wrong BOS (see docs/stack.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
 import importlib.util
@@ -27,13 +25,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import nn
 
 from clt_core.cache import cache_dir
-from clt_core.errors import CLTError
+from clt_core.errors import ModelError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +39,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SOURCE_FILE = "clt_source.json"  # written last into a converted directory: its presence marks the conversion complete
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
 
-CaptureKind = Literal["input", "output"]
-
 # transformers' from_pretrained is not thread-safe: it swaps PreTrainedModel.tie_weights for a no-op while it builds a
 # model, so two loads that overlap in threads (parallel extraction shards in one Prefect worker) can restore the no-op
 # for good, and every later model with tied embeddings loads with its LM head missing. Loads here take turns.
 _LOAD_LOCK = threading.Lock()
-
-
-class ModelError(CLTError):
-    """A model cannot be found, loaded or hooked as asked."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -184,11 +175,11 @@ def _load_dir(
             tokenizer = AutoTokenizer.from_pretrained(directory)
     except SafetensorError as err:  # a truncated or overwritten weights file
         raise ModelError(
-            f"cannot load model from {directory}: a weights file is truncated or corrupt ({_first_line(err)}); "
+            f"cannot load model from {directory}: a weights file is truncated or corrupt ({first_line(err)}); "
             "download or save the model again"
         ) from None
     except (OSError, ValueError, KeyError) as err:
-        raise ModelError(f"cannot load model from {directory}: {_first_line(err)}") from err
+        raise ModelError(f"cannot load model from {directory}: {first_line(err)}") from err
     if weights_hash is None:
         weights_hash = hash_files(weights)
     return _finish(
@@ -216,7 +207,7 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
             )
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ModelError(f"cannot load GGUF {path}: {_first_line(err)}") from err
+        raise ModelError(f"cannot load GGUF {path}: {first_line(err)}") from err
     # The weights are dequantised: drop the quantizer so the model saves, casts and moves like a plain one.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -248,16 +239,16 @@ def _load_hub(spec: str, *, dtype: torch.dtype, device: str | torch.device) -> L
     except HFValidationError:
         raise ModelError(f"{prefix}, nor a valid Hugging Face hub id") from None
     except LocalEntryNotFoundError as err:
-        why = "offline: HF_HUB_OFFLINE is set" if offline else f"no network: {_first_line(err.__cause__ or err)}"
+        why = "offline: HF_HUB_OFFLINE is set" if offline else f"no network: {first_line(err.__cause__ or err)}"
         raise ModelError(
             f"{prefix}, and the Hugging Face hub is unreachable ({why}) and the hub cache does not hold it"
         ) from None
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as err:
         raise ModelError(
-            f"{prefix}, and the Hugging Face hub refuses it: {_first_line(err)} (private or gated: set HF_TOKEN)"
+            f"{prefix}, and the Hugging Face hub refuses it: {first_line(err)} (private or gated: set HF_TOKEN)"
         ) from None
     except HfHubHTTPError as err:
-        raise ModelError(f"{prefix}; the Hugging Face hub answered: {_first_line(err)}") from None
+        raise ModelError(f"{prefix}; the Hugging Face hub answered: {first_line(err)}") from None
     revision = snapshot.name if snapshot.parent.name == "snapshots" else None
     return _load_dir(snapshot, name=spec, weights_hash=None, dtype=dtype, device=device, revision=revision)
 
@@ -292,11 +283,6 @@ def _finish(
         path=path,
         revision=revision,
     )
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -397,222 +383,3 @@ def hash_file(path: Path) -> str:
         tmp.write_text(json.dumps({**key, "sha256": digest}))
         os.replace(tmp, entry)
     return digest
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Capture points
-
-
-@dataclass(frozen=True)
-class CapturePoints:
-    """Which module's input or output is the CLT input and target at each layer; templates contain `{layer}`."""
-
-    input_template: str
-    output_template: str
-    input_kind: CaptureKind = "input"
-    output_kind: CaptureKind = "output"
-    num_layers: int = 0
-
-    def input_name(self, layer: int) -> str:
-        return self.input_template.format(layer=layer)
-
-    def output_name(self, layer: int) -> str:
-        return self.output_template.format(layer=layer)
-
-    def as_dict(self) -> dict[str, str]:
-        """For the store's metadata."""
-        return {
-            "input_template": self.input_template,
-            "input_kind": self.input_kind,
-            "output_template": self.output_template,
-            "output_kind": self.output_kind,
-        }
-
-
-def traced(model: torch.nn.Module) -> Any:
-    """`nnsight.NNsight(model)`, with nnsight's `.save()` on every Python object taken off again: nnsight mounts it
-    on `object` through a C extension when imported, and packages imported afterwards that walk `object.__dict__`
-    then fail (beartype, which Prefect imports lazily: "unhashable type: 'instancemethod'"). Use `nnsight.save(x)`."""
-    from nnsight import NNsight
-    from nnsight._c import unmount
-
-    if unmount is not None and "save" in object.__dict__:
-        unmount("save")
-    return NNsight(model)
-
-
-def module_at(root: Any, name: str) -> Any:
-    """The submodule `name` ("model.layers.3.mlp") of a module or of an nnsight envoy wrapping one."""
-    node = root
-    for part in name.split("."):
-        node = node[int(part)] if part.isdigit() else getattr(node, part)
-    return node
-
-
-_LAYERS_MLP = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.mlp", "output")
-# Gemma 2/3 normalise the MLP output (post_feedforward_layernorm) before adding it to the residual stream. The target is
-# that normalised output: it is what the MLP block writes to the residual (TransformerLens' `hook_mlp_out`, used by
-# Gemma Scope and circuit-tracer transcoders), so splicing the CLT in replaces the MLP *and* its output norm.
-_GEMMA2 = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.post_feedforward_layernorm", "output")
-
-PRESETS: dict[str, tuple[str, CaptureKind, str, CaptureKind]] = {
-    "llama": _LAYERS_MLP,  # SmolLM and SmolLM2 are llama
-    "mistral": _LAYERS_MLP,
-    "qwen2": _LAYERS_MLP,
-    "qwen3": _LAYERS_MLP,
-    "smollm3": _LAYERS_MLP,
-    "gemma": _LAYERS_MLP,
-    "phi3": _LAYERS_MLP,
-    "gemma2": _GEMMA2,
-    "gemma3_text": _GEMMA2,
-    # GPT-2: c_fc's input is ln_2's output (= the MLP input) and c_proj's output is the MLP output (dropout is identity
-    # in eval mode), as circuit-tracer names them.
-    "gpt2": ("transformer.h.{layer}.mlp.c_fc", "input", "transformer.h.{layer}.mlp.c_proj", "output"),
-    "gpt_neox": ("gpt_neox.layers.{layer}.mlp", "input", "gpt_neox.layers.{layer}.mlp", "output"),
-}
-
-_MLP_WORDS = ("mlp", "ffn", "feed_forward", "feedforward", "fc", "dense")
-
-
-def capture_points(
-    model: nn.Module,
-    input_template: str | None = None,
-    output_template: str | None = None,
-    *,
-    input_kind: CaptureKind | None = None,
-    output_kind: CaptureKind | None = None,
-) -> CapturePoints:
-    """The preset for the model's architecture, overridden by any template given, validated for every layer.
-
-    A template that names no module fails here, before a batch runs, listing the module names the user probably meant.
-    """
-    config = model.config
-    model_type = config.model_type
-    preset = PRESETS.get(model_type)
-    if preset is None and (input_template is None or output_template is None):
-        raise ModelError(
-            f"no capture preset for architecture '{model_type}' (presets: {', '.join(sorted(PRESETS))}); give "
-            f"--input-template and --output-template, e.g. for layer 0 one of: {_candidates(model, 0, '')}"
-        )
-    in_t, in_k, out_t, out_k = preset or (None, "input", None, "output")
-    points = CapturePoints(
-        input_template=input_template or in_t,
-        output_template=output_template or out_t,
-        input_kind=input_kind or (in_k if input_template is None else "input"),
-        output_kind=output_kind or (out_k if output_template is None else "output"),
-        num_layers=int(config.get_text_config().num_hidden_layers),
-    )
-    validate_capture_points(model, points)
-    return points
-
-
-def validate_capture_points(model: nn.Module, points: CapturePoints) -> None:
-    """Every layer's input and output module exists (names only: nothing runs)."""
-    if points.num_layers < 1:
-        raise ModelError(f"capture points need the model's layer count, got num_layers={points.num_layers}")
-    names = dict(model.named_modules(remove_duplicate=False))
-    for role, template, kind in (
-        ("input", points.input_template, points.input_kind),
-        ("output", points.output_template, points.output_kind),
-    ):
-        if kind not in ("input", "output"):
-            raise ModelError(f"capture {role} kind must be 'input' or 'output', got {kind!r}")
-        if "{layer}" not in template:
-            raise ModelError(f"capture {role} template {template!r} must contain '{{layer}}'")
-        for layer in range(points.num_layers):
-            try:
-                name = template.format(layer=layer)
-            except (KeyError, IndexError, ValueError) as err:
-                raise ModelError(
-                    f"capture {role} template {template!r} is malformed ({err!r}); only {{layer}} may be substituted"
-                ) from None
-            if name not in names:
-                raise ModelError(
-                    f"capture {role} template {template!r}: no module '{name}' in {type(model).__name__} "
-                    f"({points.num_layers} layers); candidates for layer {layer}: {_candidates(model, layer, name)}"
-                )
-
-
-def _candidates(model: nn.Module, layer: int, wanted: str, limit: int = 25) -> str:
-    """Module names of `layer` that look like MLP parts, plus close spellings of `wanted`."""
-    all_names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
-    marker = f".{layer}."
-    in_layer = [n for n in all_names if marker in n + "."]
-    found = [n for n in in_layer if any(w in n.rsplit(marker, 1)[-1].lower() for w in _MLP_WORDS)]
-    if wanted:
-        found += [n for n in difflib.get_close_matches(wanted, all_names, n=5, cutoff=0.6) if n not in found]
-    if not found:
-        found = in_layer
-    shown = ", ".join(found[:limit]) or "(none)"
-    return shown + (f", … ({len(found) - limit} more)" if len(found) > limit else "")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Reference capture with plain hooks
-
-
-class _StopForward(Exception):
-    """Raised from a hook once everything is captured, to skip the rest of the forward (the LM head)."""
-
-
-def capture_with_hooks(
-    model: nn.Module,
-    points: CapturePoints,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    *,
-    stop_early: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets `[B, T, L, d]` read with PyTorch forward hooks: the reference for the nnsight capture.
-
-    A module's input is its first positional argument (or first keyword argument); a tuple output gives its first
-    element. Values are cloned when read, so in-place changes later in the forward cannot alter them. With
-    `stop_early` the forward is abandoned once every value is read (skipping the LM head); without it, a point that
-    runs more than once per forward is also detected.
-    """
-    n = points.num_layers
-    modules = dict(model.named_modules(remove_duplicate=False))
-    wanted: list[tuple[str, int, str, CaptureKind]] = []
-    for layer in range(n):
-        wanted.append(("inputs", layer, points.input_name(layer), points.input_kind))
-        wanted.append(("targets", layer, points.output_name(layer), points.output_kind))
-    got: dict[tuple[str, int], list[torch.Tensor]] = {(role, layer): [] for role, layer, _, _ in wanted}
-
-    def record(key: tuple[str, int], value: Any) -> None:
-        if isinstance(value, (tuple, list)):
-            value = value[0]
-        if not isinstance(value, torch.Tensor):
-            raise ModelError(f"capture point {key} gave a {type(value).__name__}, not a tensor")
-        got[key].append(value.detach().clone())
-        if stop_early and all(got.values()):
-            raise _StopForward
-
-    handles = []
-    try:
-        for role, layer, name, kind in wanted:
-            module, key = modules[name], (role, layer)
-            if kind == "input":
-
-                def pre_hook(_m: nn.Module, args: tuple, kwargs: dict, key: tuple[str, int] = key) -> None:
-                    record(key, args[0] if args else next(iter(kwargs.values()), None))
-
-                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            else:
-
-                def hook(_m: nn.Module, _args: tuple, output: Any, key: tuple[str, int] = key) -> None:
-                    record(key, output)
-
-                handles.append(module.register_forward_hook(hook))
-        with torch.no_grad(), contextlib.suppress(_StopForward):
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
-    for (role, layer), values in got.items():
-        if len(values) != 1:
-            name = points.input_name(layer) if role == "inputs" else points.output_name(layer)
-            raise ModelError(f"capture point '{name}' ran {len(values)} times in one forward pass; expected once")
-    inputs = torch.stack([got[("inputs", layer)][0] for layer in range(n)], dim=2)
-    targets = torch.stack([got[("targets", layer)][0] for layer in range(n)], dim=2)
-    return inputs, targets
