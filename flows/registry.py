@@ -204,7 +204,7 @@ def download_model(reference: str, out: str | Path) -> Path:
     import yaml
     from mlflow.exceptions import MlflowException
 
-    from clt_core.errors import ConfigError
+    from clt_core.errors import ConfigError, first_line
 
     out = Path(out)
     if out.exists():
@@ -214,8 +214,7 @@ def download_model(reference: str, out: str | Path) -> Path:
         try:
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
         except MlflowException as err:
-            first = str(err).splitlines()[0]
-            raise ConfigError(f"no registered model {reference!r} ({first}); see `clt models list`") from None
+            raise ConfigError(f"no registered model {reference!r} ({first_line(err)}); see `clt models list`") from None
         artifacts = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]["artifacts"]
         exported = artifacts.get("circuit_tracer")
         if exported is None:
