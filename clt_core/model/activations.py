@@ -54,8 +54,10 @@ def positions_above_floor(row: torch.Tensor, count: int) -> torch.Tensor | None:
     value, in one pass over the row; None when the sample was unlucky (fewer than `count` entries above it).
 
     For long rows (batchtopk ranks up to B·L·F values) a full `topk` is slow on CPU; instead a strided sample of the
-    row gives the floor, and only the ~20 % more than `count` entries above it are ranked."""
-    stride = len(row) // 16384
+    row gives the floor, and only the ~20 % more than `count` entries above it are ranked. The stride is odd: rows are
+    token-major runs of F features (a power of two, as a rule), and an even stride would sample only a few features
+    of each token, whose values are no guide to the rest once training has told the features apart."""
+    stride = (len(row) // 16384) | 1
     sample = row[::stride].sort(descending=True).values
     floor = sample[min(len(sample) - 1, int(count / stride * 1.2) + 16)]  # expect ~20 % (and 16 samples) spare
     positions = (row >= floor).nonzero().squeeze(1)

@@ -442,3 +442,17 @@ def test_a_global_k_has_no_one_layer_activation() -> None:
     model = make_model("topk", topk_scope="global")
     with pytest.raises(ConfigError, match="global k"):
         model.activate_layer(0, torch.randn(2, 16, dtype=F64))
+
+
+def test_the_sampled_floor_of_a_long_row_sees_every_feature() -> None:
+    """batchtopk's long rows are token-major runs of F features: a floor sampled with a stride that is a multiple of
+    the feature count would see only a few features, and miss the winners when they are elsewhere (as after
+    training has told the features apart); the sample must cover them all."""
+    from clt_core.model.activations import positions_above_floor
+
+    B, F, count = 2048, 512, 2048 * 4
+    z = torch.randn(B, F) * 0.01
+    z[:, 1::2] += 1.0  # the odd features win, and most sampled positions of an even stride are even
+    positions = positions_above_floor(z.reshape(-1), count)
+    assert positions is not None and len(positions) >= count
+    assert len(positions) < 2 * count  # and the floor is still close: few more than needed are ranked
