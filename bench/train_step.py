@@ -4,6 +4,7 @@
     .venv/bin/python bench/train_step.py --shape b4096   # one of them
     .venv/bin/python bench/train_step.py --shape b4096 --profile   # + the torch.profiler breakdown of one step
     .venv/bin/python bench/train_step.py --e2e a         # `clt train` on a synthetic store of shape (a), 300 steps
+    .venv/bin/python bench/train_step.py --e2e b4096 --steps 8   # `clt train` at the SmolLM2 shape (a 3 GB store)
 
 Shapes: (a) L=4, d=64, F=512, batchtopk k=16 global, B=512; (b) the SmolLM2-135M shape L=30, d=576, F=2048,
 batchtopk k=32 per layer, B=1024; (b4096) the same at B=4096. A step is `TrainStep`'s (forward, loss, backward,
@@ -169,7 +170,7 @@ def bench_e2e(shape: str, steps: int) -> None:
     clt = [sys.executable, "-m", "clt_core.cli"]
     with tempfile.TemporaryDirectory() as tmp:
         store = f"{tmp}/store"
-        rows = max(s["B"] * 64, 32768)
+        rows = max(s["B"] * min(64, steps + 4), 32768)  # the SmolLM2 shape's 69 KB rows: only what the run reads
         subprocess.run(
             [*clt, "make-synthetic", store, "--rows", str(rows), "--num-layers", str(s["L"]), "--d-model",
              str(s["d"]), "--num-features", str(s["F"]), "--dtype", "bfloat16"],
