@@ -57,11 +57,21 @@ def positions_above_floor(row: torch.Tensor, count: int) -> torch.Tensor | None:
     row gives the floor, and only the ~20 % more than `count` entries above it are ranked. The stride is odd: rows are
     token-major runs of F features (a power of two, as a rule), and an even stride would sample only a few features
     of each token, whose values are no guide to the rest once training has told the features apart."""
-    stride = (len(row) // 16384) | 1
-    sample = row[::stride].sort(descending=True).values
-    floor = sample[min(len(sample) - 1, int(count / stride * 1.2) + 16)]  # expect ~20 % (and 16 samples) spare
-    positions = (row >= floor).nonzero().squeeze(1)
+    stride = sample_stride(len(row))
+    positions = (row >= floor_of_sample(row[::stride], stride, count)).nonzero().squeeze(1)
     return positions if len(positions) >= count else None
+
+
+def sample_stride(length: int) -> int:
+    """The stride of `positions_above_floor`'s sample of a row of `length` (~16k samples; odd, see there)."""
+    return (length // 16384) | 1
+
+
+def floor_of_sample(sample: torch.Tensor, stride: int, count: int) -> float:
+    """A value a little below the `count`-th largest of a row, from every `stride`-th entry of it: ~20 % (and 16
+    samples) more than `count` entries are expected at or above it."""
+    ranked = sample.sort(descending=True).values
+    return float(ranked[min(len(ranked) - 1, int(count / stride * 1.2) + 16)])
 
 
 def largest(scores: torch.Tensor, count: int) -> torch.Tensor:

@@ -217,3 +217,40 @@ void clt_decoder_backward(const bf16 *G, int64_t G_target_stride, const bf16 *W,
     backward_args a = {G, G_target_stride, W, dW, W_target_stride, targets, ptr, tok, val, dots, d};
     parallel_over(backward_part, &a, ptr, features, threads);
 }
+
+/* -- selection ----------------------------------------------------------------------------------------------------- */
+
+/* The entries of z = float(low) + bias (`low [B, F]` bf16 row-major, `bias [F]`) at or above `floor`: their flat
+ * positions (ascending) and values, without forming z. Returns how many there are; writes at most `capacity`. Two
+ * passes over `low` (count, then write at each thread's offset), both reading 2 bytes an entry. */
+int64_t clt_entries_above(const bf16 *low, const float *bias, int64_t B, int64_t F, float floor, int64_t *positions,
+                          float *values, int64_t capacity, int threads) {
+    enum { MAX_THREADS = 256 };
+    int64_t counts[MAX_THREADS + 1] = {0};
+    if (threads < 1 || B * F < (1 << 16)) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+#pragma omp parallel num_threads(threads)
+    {
+#ifdef _OPENMP
+        const int i = omp_get_thread_num(), n = omp_get_num_threads();
+#else
+        const int i = 0, n = 1;
+#endif
+        const int64_t lo = B * i / n, hi = B * (i + 1) / n;
+        int64_t found = 0;
+        for (int64_t b = lo; b < hi; b++)
+            for (int64_t f = 0; f < F; f++) found += to_f32(low[b * F + f]) + bias[f] >= floor;
+        counts[i + 1] = found;
+#pragma omp barrier
+        int64_t at = 0;
+        for (int k = 0; k <= i; k++) at += counts[k];
+        for (int64_t b = lo; b < hi && at < capacity; b++)
+            for (int64_t f = 0; f < F; f++) {
+                const float z = to_f32(low[b * F + f]) + bias[f];
+                if (z >= floor && at < capacity) positions[at] = b * F + f, values[at++] = z;
+            }
+    }
+    int64_t total = 0;
+    for (int k = 1; k <= threads; k++) total += counts[k];
+    return total;
+}

@@ -66,6 +66,8 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.clt_decode.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.clt_decoder_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.clt_entries_above.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
+    lib.clt_entries_above.restype = i64
     return lib
 
 
@@ -80,12 +82,12 @@ def _check(*tensors: tuple[torch.Tensor, torch.dtype]) -> None:
             raise ValueError(f"kernel operand of {tensor.dtype} {tuple(tensor.shape)}: {dtype}, contiguous expected")
 
 
-def _call(name: str, *args: torch.Tensor | int) -> None:
-    """Kernel `name` on `args` (tensors passed by address), on all of PyTorch's threads."""
+def _call(name: str, *args: torch.Tensor | float) -> int:
+    """Kernel `name` on `args` (tensors passed by address), on all of PyTorch's threads; its return value."""
     lib = _library()
     assert lib is not None
     pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    getattr(lib, name)(*pointers, torch.get_num_threads())
+    return getattr(lib, name)(*pointers, torch.get_num_threads())
 
 
 def decode(out: torch.Tensor, W: torch.Tensor, ptr: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> None:
@@ -113,3 +115,19 @@ def decoder_backward(
     dots = torch.empty(len(tokens), dtype=torch.float32)
     _call("clt_decoder_backward", G, G.shape[1] * d, W, dW, F * d, T, ptr, tokens, values, dots, F, d)
     return dots
+
+
+def entries_above(
+    low: torch.Tensor, bias: torch.Tensor, floor: float, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Flat positions (ascending) and float32 values of the entries of `low.float() + bias` (`low [B, F]` bf16,
+    `bias [F]` float32) at or above `floor`, without forming that float32 matrix; None when there are more than
+    `capacity` (the floor was too low to be worth it)."""
+    B, F = low.shape
+    _check((low, torch.bfloat16), (bias, torch.float32))
+    if bias.shape != (F,):
+        raise ValueError(f"entries_above: low {tuple(low.shape)}, bias {tuple(bias.shape)}")
+    positions = torch.empty(capacity, dtype=torch.int64)
+    values = torch.empty(capacity, dtype=torch.float32)
+    found = _call("clt_entries_above", low, bias, B, F, floor, positions, values, capacity)
+    return None if found > capacity else (positions[:found], values[:found])

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F_
 
 from clt_core.model import kernels
-from clt_core.model.activations import is_long_row, positions_above_floor
+from clt_core.model.activations import floor_of_sample, is_long_row, positions_above_floor, sample_stride
 from clt_core.model.parallel import FeatureShards
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -136,21 +136,31 @@ def _candidates(scores: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.T
     return values.gather(1, order), positions
 
 
-def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows and columns (row-major, columns ascending) of exactly `count` entries per row of `scores [G, N_local]`
-    ranked over all ranks' entries: every entry above the row's `count`-th largest value, then as many tied at it as
-    are still needed (earlier ranks first; within a long row by position, within short rows in `topk`'s order)."""
-    G = scores.shape[0]
-    values, positions = _candidates(scores, count)
+def select_exact(
+    scores: torch.Tensor, count: int, shards: FeatureShards
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows, columns (row-major, columns ascending) and values of exactly `count` entries per row of
+    `scores [G, N_local]` ranked over all ranks' entries: every entry above the row's `count`-th largest value, then
+    as many tied at it as are still needed (earlier ranks first; within a long row by position, within short rows in
+    `topk`'s order)."""
+    return choose_exact(*_candidates(scores, count), count, shards)
+
+
+def choose_exact(
+    values: torch.Tensor, positions: torch.Tensor, count: int, shards: FeatureShards
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`select_exact` from each row's candidates (`values`, `positions [G, c]`, positions ascending): at least the
+    row's `count` largest entries."""
+    G = values.shape[0]
     if shards.world_size == 1:
         if values.shape[1] > count:  # the count largest; ties by position (positions ascend within rows)
             threshold = values.kthvalue(values.shape[1] - count + 1, dim=1, keepdim=True).values
             above, ties = values > threshold, values == threshold
             need = count - above.sum(dim=1, keepdim=True)
             rows, cols = (above | (ties & (ties.cumsum(dim=1) <= need))).nonzero(as_tuple=True)
-            return rows, positions[rows, cols]
-        rows = torch.arange(G, device=scores.device).repeat_interleave(positions.shape[1])
-        return rows, positions.reshape(-1)
+            return rows, positions[rows, cols], values[rows, cols]
+        rows = torch.arange(G, device=values.device).repeat_interleave(positions.shape[1])
+        return rows, positions.reshape(-1), values.reshape(-1)
     top = values.topk(min(count, values.shape[1]), dim=1).values
     threshold = shards.all_gather_cat(top, dim=1).topk(count, dim=1).values[:, -1:]
     above, ties = values > threshold, values == threshold
@@ -158,42 +168,63 @@ def select_exact(scores: torch.Tensor, count: int, shards: FeatureShards) -> tup
     earlier = shards.all_gather_cat(ties.sum(dim=1, keepdim=True), dim=1)[:, : shards.rank].sum(dim=1, keepdim=True)
     keep = above | (ties & (ties.cumsum(dim=1) <= need - earlier))
     rows, cols = keep.nonzero(as_tuple=True)
-    return rows, positions[rows, cols]
+    return rows, positions[rows, cols], values[rows, cols]
 
 
 class Selector:
     """Which pre-activations are active (batchtopk: `per_batch`; topk otherwise), per layer or over all layers.
 
-    `per_layer` selections are made one layer at a time (`layer`), so a layer's dense pre-activations are dropped
-    as soon as its entries are picked; `global` ones over all layers at once (`all_layers`). Both return flat
-    indices `b·F + f` per layer, ascending, of the selected entries that are positive."""
+    `per_layer` selections are made one layer at a time (`layer`, or `layer_from_low` straight from a bf16 matmul's
+    output), so a layer's dense pre-activations are dropped as soon as its entries are picked; `global` ones over all
+    layers at once (`all_layers`). All return flat indices `b·F + f` per layer, ascending, of the selected entries
+    that are positive, and their values."""
 
     def __init__(self, k: float, per_batch: bool, scope: str, shards: FeatureShards) -> None:
         self.k, self.per_batch, self.per_layer, self.shards = k, per_batch, scope == "per_layer", shards
 
-    def layer(self, z: torch.Tensor) -> torch.Tensor:
+    def layer(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Active entries of one layer's `z [B, F_local]`."""
         B, F = z.shape
         if self.per_batch:
-            _, flat = select_exact(z.reshape(1, B * F), max(round(self.k * B), 1), self.shards)
+            _, flat, values = select_exact(z.reshape(1, B * F), max(round(self.k * B), 1), self.shards)
         else:
-            rows, cols = select_exact(z, max(round(self.k), 1), self.shards)
+            rows, cols, values = select_exact(z, max(round(self.k), 1), self.shards)
             flat = rows * F + cols
-        return flat[z.reshape(-1)[flat] > 0]
+        positive = values > 0
+        return flat[positive], values[positive]
 
-    def all_layers(self, z: torch.Tensor) -> list[torch.Tensor]:
+    def layer_from_low(self, low: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`layer(low.float() + bias)` for a batchtopk layer's bf16 pre-activations `low [B, F_local]` on the CPU,
+        without forming the float32 matrix: the compiled kernel collects the entries above a sampled floor. None
+        where it does not apply (or the sample was unlucky): call `layer`."""
+        B, F = low.shape
+        count = max(round(self.k * B), 1)
+        if not (self.per_batch and is_long_row(B * F, count) and kernels.available(low)):
+            return None
+        stride = sample_stride(B * F)
+        at = torch.arange(0, B * F, stride, device=low.device)
+        floor = floor_of_sample(low.reshape(-1)[at].float() + bias[at % F], stride, count)
+        found = kernels.entries_above(low, bias, floor, capacity=2 * count + 4096)
+        if found is None or len(found[0]) < count:
+            return None
+        _, flat, values = choose_exact(found[1][None], found[0][None], count, self.shards)
+        positive = values > 0
+        return flat[positive], values[positive]
+
+    def all_layers(self, z: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Active entries of each layer of `z [L, B, F_local]`."""
         L, B, F = z.shape
         if self.per_batch:
-            _, flat = select_exact(z.reshape(1, L * B * F), max(round(self.k * B), 1), self.shards)
+            _, flat, values = select_exact(z.reshape(1, L * B * F), max(round(self.k * B), 1), self.shards)
         else:  # per token over all layers: rank `[B, L·F]` rows, then order by layer
-            rows, cols = select_exact(z.permute(1, 0, 2).reshape(B, L * F), max(round(self.k), 1), self.shards)
-            flat = ((cols // F) * B + rows) * F + cols % F
-            flat = flat.sort().values
-        flat = flat[z.reshape(-1)[flat] > 0]
+            rows, cols, values = select_exact(z.permute(1, 0, 2).reshape(B, L * F), max(round(self.k), 1), self.shards)
+            flat, order = (((cols // F) * B + rows) * F + cols % F).sort()
+            values = values[order]
+        positive = values > 0
+        flat, values = flat[positive], values[positive]
         layer_of = flat // (B * F)
         sizes = torch.bincount(layer_of, minlength=L).tolist()
-        return list((flat - layer_of * (B * F)).split(sizes))
+        return list(zip((flat - layer_of * (B * F)).split(sizes), values.split(sizes), strict=True))
 
 
 # -- gather kernels ----------------------------------------------------------------------------------------------------
@@ -255,18 +286,22 @@ class _Encode(torch.autograd.Function):
             return out.copy_(low).add_(b[layer])
 
         if select.per_layer:  # one layer's pre-activations at a time, in one reused buffer
-            values, flat = [], []
+            picked = []
             z_buffer = weights.workspace("preactivations", (B, Fl), torch.float32)
             for layer in range(L):
-                z = pre(layer, z_buffer)
-                flat.append(select.layer(z))
-                values.append(z.reshape(-1)[flat[-1]])
+                if x.dtype == torch.float32:
+                    picked.append(select.layer(pre(layer, z_buffer)))
+                    continue
+                low = torch.mm(x[layer], W[layer].t(), out=weights.workspace("preactivations_low", (B, Fl), x.dtype))
+                found = select.layer_from_low(low, b[layer].detach())
+                picked.append(found if found is not None else select.layer(z_buffer.copy_(low).add_(b[layer])))
         else:
             z = torch.empty(L, B, Fl, dtype=torch.float32, device=x.device)
             for layer in range(L):
                 pre(layer, z[layer])
-            flat = select.all_layers(z)
-            values = [z[layer].reshape(-1)[i] for layer, i in enumerate(flat)]
+            picked = select.all_layers(z)
+        flat = [f for f, _ in picked]
+        values = [v for _, v in picked]
         flat_all = torch.cat(flat)
         tokens, features = flat_all // Fl, flat_all % Fl
         sizes = torch.tensor([len(i) for i in flat])

@@ -60,3 +60,27 @@ def test_operands_of_the_wrong_dtype_or_layout_are_refused() -> None:
         kernels.decode(torch.zeros(8, 2, 32).transpose(0, 1), W, ptr, feat, val)
     with pytest.raises(ValueError, match="decode"):
         kernels.decode(torch.zeros(2, 9, 32), W, ptr, feat, val)
+
+
+def test_entries_above_a_floor_are_those_of_the_float32_matrix() -> None:
+    low, bias = torch.randn(300, 96).bfloat16(), torch.randn(96)
+    z = (low.float() + bias).reshape(-1)
+    floor = float(z.kthvalue(z.numel() - 2000).values)
+    positions, values = kernels.entries_above(low, bias, floor, capacity=5000)
+    expected = (z >= floor).nonzero().squeeze(1)
+    assert torch.equal(positions, expected) and torch.equal(values, z[expected])
+    assert kernels.entries_above(low, bias, floor, capacity=100) is None  # more than asked for
+
+
+def test_batchtopk_selection_from_the_bf16_matmul_equals_the_float32_one() -> None:
+    """`Selector.layer_from_low` (no float32 pre-activations) picks what `layer` picks, ties included."""
+    from clt_core.model.parallel import FeatureShards
+    from clt_core.model.sparse import Selector
+
+    select = Selector(4, per_batch=True, scope="per_layer", shards=FeatureShards())
+    low = (torch.randn(512, 256) * 4).round().bfloat16()  # integers: ties everywhere, also at the threshold
+    bias = torch.randn(256).round()
+    found = select.layer_from_low(low, bias)
+    assert found is not None
+    expected = select.layer(low.float() + bias)
+    assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])

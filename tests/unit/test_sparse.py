@@ -89,12 +89,13 @@ def test_bf16_gradients_are_within_a_stated_tolerance(
 def test_exactly_k_entries_per_group_even_when_everything_ties() -> None:
     scores = torch.zeros(3, 50, dtype=torch.bfloat16)
     scores[1, :10] = 1.0  # one row with a few clear winners, then ties
-    rows, cols = select_exact(scores.float(), 7, FeatureShards())
+    rows, cols, values = select_exact(scores.float(), 7, FeatureShards())
+    assert torch.equal(values, scores.float()[rows, cols])
     assert torch.bincount(rows).tolist() == [7, 7, 7]
     assert set(cols[7:14].tolist()) < set(range(10))  # the row with 10 winners takes 7 of them
     long = torch.zeros(1, 200_000)
     long[0, -5:] = 2.0  # a long row goes through the sampled floor; the 5 clear winners, then the first ties
-    _, cols = select_exact(long, 1000, FeatureShards())
+    _, cols, _ = select_exact(long, 1000, FeatureShards())
     assert cols.tolist() == [*range(995), *range(199_995, 200_000)]
     # and through the model: quantised inputs and weights make pre-activations tie massively in bf16
     model = model_of("batchtopk", "per_layer", F=128, k=8)
