@@ -17,7 +17,7 @@ float32 parameters. Accumulation is float32 in every kernel.
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F_
@@ -25,6 +25,9 @@ import torch.nn.functional as F_
 from clt_core.model import kernels
 from clt_core.model.activations import floor_of_sample, is_long_row, positions_above_floor, sample_stride
 from clt_core.model.parallel import FeatureShards
+
+if TYPE_CHECKING:  # clt.py imports this module
+    from clt_core.model.clt import CrossLayerTranscoder
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
@@ -75,7 +78,7 @@ class ComputeWeights:
     each step would cost more in page faults than the kernels that fill it. `refresh` copies the float32
     parameters in after each optimiser step."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, model: CrossLayerTranscoder, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self.W_enc = torch.empty(model.W_enc.shape, dtype=dtype, device=model.W_enc.device)
         self.W_dec = [torch.empty(w.transpose(0, 1).shape, dtype=dtype, device=w.device) for w in model.W_dec]
@@ -101,7 +104,7 @@ class ComputeWeights:
         return self._grads[index] if self.has_grad else None
 
     @torch.no_grad()
-    def refresh(self, model: torch.nn.Module) -> None:
+    def refresh(self, model: CrossLayerTranscoder) -> None:
         self.W_enc.copy_(model.W_enc)
         for copy, w in zip(self.W_dec, model.W_dec, strict=True):
             copy.copy_(w.transpose(0, 1))
@@ -395,8 +398,8 @@ class _DecodeLoss(torch.autograd.Function):
             tok_by_f, v_by_f = tok[order], v[order]
             dW = weights.grad_buffer(1 + s)
             if compiled:  # the activations' gradients from the bf16 loss gradient here
-                dots = kernels.decoder_backward(g_low[s:], W_dec[s], dW, group_bounds(f[order], Fl), tok_by_f, v_by_f)
-                grad_values[part] = torch.empty_like(dots).index_copy_(0, order, dots)
+                by_f = kernels.decoder_backward(g_low[s:], W_dec[s], dW, group_bounds(f[order], Fl), tok_by_f, v_by_f)
+                grad_values[part] = torch.empty_like(by_f).index_copy_(0, order, by_f)
                 continue
             f_offsets = bag_offsets(f[order], Fl)
             acc = torch.zeros(len(f), dtype=torch.float32, device=values.device)
