@@ -39,9 +39,11 @@ test: install
 test-all: install
 	$(BIN)/pytest -m "" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
+# mypy's configuration (files, plugins, the untyped libraries) is [tool.mypy] in pyproject.toml.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import yaml
 from pydantic import BaseModel, ByteSize, ConfigDict, ValidationError
@@ -73,6 +74,9 @@ class Config(BaseModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+C = TypeVar("C", bound=Config)
+
+
 def _argparse_type(annotation: Any) -> tuple[Any, bool]:
     """The scalar type argparse should parse for a field, and whether the field may be None."""
     optional = False
@@ -91,7 +95,7 @@ def _argparse_type(annotation: Any) -> tuple[Any, bool]:
 
 
 def add_config_arguments(
-    parser: argparse.ArgumentParser, model: type[Config], skip: set[str] = frozenset(), section: str = ""
+    parser: argparse.ArgumentParser, model: type[Config], skip: Collection[str] = frozenset(), section: str = ""
 ) -> None:
     """Add one `--field-name` flag per field of `model`, defaulting to None (= keep the config's value). With
     `section`, the value lands in `args` as `"{section}.{field}"`, for `config_from_args` to nest it."""
@@ -115,7 +119,7 @@ def add_config_arguments(
         parser.add_argument(flag, dest=dest, default=None, type=kind, choices=choices, help=help_text)
 
 
-def config_from_args(model: type[Config], args: argparse.Namespace, yaml_path: str | Path | None = None) -> Config:
+def config_from_args(model: type[C], args: argparse.Namespace, yaml_path: str | Path | None = None) -> C:
     """Build a config from an optional YAML file, then override with the flags the user gave."""
     base = model.from_yaml(yaml_path).model_dump() if yaml_path else {}
     for name, value in vars(args).items():

@@ -32,7 +32,7 @@ def tracking(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(previous)
+        mlflow.set_tracking_uri(previous)  # type: ignore[arg-type]  # None unsets it, though mlflow annotates str | Path
         if variable is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
@@ -51,7 +51,9 @@ def experiment_id(name: str) -> str:
     try:
         return client.create_experiment(name)
     except MlflowException:  # made meanwhile by a parallel run
-        return client.get_experiment_by_name(name).experiment_id
+        if (experiment := client.get_experiment_by_name(name)) is None:
+            raise  # not made meanwhile: creating it failed for another reason
+        return experiment.experiment_id
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,9 @@ def register_model(
         if v.run_id == run.info.run_id or (fingerprint is not None and v.tags.get("model_fingerprint") == fingerprint)
     ]
     if existing:
-        version = existing[0]
-        return {"name": name, "version": str(version.version), "promoted": version.tags.get("promoted") == "true",
-                "reason": version.tags.get("promotion_reason", ""), "reused": True}  # fmt: skip
+        found = existing[0]
+        return {"name": name, "version": str(found.version), "promoted": found.tags.get("promoted") == "true",
+                "reason": found.tags.get("promotion_reason", ""), "reused": True}  # fmt: skip
     artifacts = {"model": str(model_dir)}
     if export_dir is not None:
         artifacts["circuit_tracer"] = str(export_dir)
@@ -158,11 +160,10 @@ def _signature(model_dir: str | Path) -> Any:
 
     from clt_core.model.directory import read_config
 
-    config = read_config(Path(model_dir))
-    shape = (-1, config.num_layers, config.d_model)
+    num_layers, d_model = read_config(Path(model_dir)).sizes()
     return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), shape)]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, config.num_layers, -1))]),
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_layers, d_model))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_layers, -1))]),
         params=ParamSchema([ParamSpec("output", "string", "reconstruction")]),
     )
 

@@ -13,10 +13,10 @@ import contextlib
 import hashlib
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 
 from clt_core.convert import ConvertConfig
 from clt_core.data.scramble import ScrambleConfig
@@ -28,14 +28,27 @@ from clt_core.train.config import TrainConfig
 from clt_core.train.launch import torchrun_command
 from flows.config import RegistrySettings, fingerprint
 
-CACHED = {
-    "cache_policy": INPUTS + TASK_SOURCE,
-    "persist_result": True,
-    "result_serializer": "json",
-}
+
+class Caching(TypedDict):
+    """The `@task` arguments of a cached stage."""
+
+    cache_policy: CachePolicy
+    persist_result: bool
+    result_serializer: str
+
+
+class Retrying(TypedDict):
+    """The `@task` arguments of a retried stage."""
+
+    retries: int
+    retry_delay_seconds: list[float]
+    retry_jitter_factor: float
+
+
+CACHED = Caching(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json")
 PROGRESS_SECONDS = 10.0
 """How often the training subprocess writes a progress line into the run log."""
-RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_jitter_factor": 0.5}
+RETRIES = Retrying(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
 """Transient storage and network errors: two retries with backoff (stages resume, so a retry loses no work)."""
 
 Stage = dict[str, Any]
@@ -87,7 +100,7 @@ def scramble(source: Stage, dst: str, config: ScrambleConfig) -> Stage:
     return {"url": dst, "fingerprint": _store_fingerprint(dst), "rows": ActivationStore.open(dst).num_rows}
 
 
-@task(name="train", **{**CACHED, "cache_policy": (INPUTS - "mlflow_run_id") + TASK_SOURCE})
+@task(name="train", **(CACHED | {"cache_policy": (INPUTS - "mlflow_run_id") + TASK_SOURCE}))
 def train(data: Stage, config: TrainConfig, out_dir: str, nproc: int, mlflow_run_id: str | None = None) -> Stage:
     """`clt train` under torchrun as a subprocess, its progress lines streamed into the run log; `--resume` continues
     a crashed run from its newest checkpoint. With `mlflow_run_id` (not part of the cache key) the trainer logs its

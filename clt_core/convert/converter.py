@@ -124,8 +124,8 @@ def convert(
     bar.update()
     # One pass over the fitting sample: the estimators' statistics, the pre-activations for calibration and the
     # original model's L0 per layer (with its own batch-wise selection).
-    stats = ThresholdStats(model.config.num_layers, model.num_local_features)
-    pres, active = [], torch.zeros(model.config.num_layers, dtype=torch.float64)
+    stats = ThresholdStats(model.num_layers, model.num_local_features)
+    pres, active = [], torch.zeros(model.num_layers, dtype=torch.float64)
     with torch.no_grad():
         for i, (x, _) in enumerate(fit_batches()):
             pre = model.encode(x)

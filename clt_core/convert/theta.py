@@ -78,7 +78,7 @@ def threshold_stats(model: CrossLayerTranscoder, batches: Iterable[torch.Tensor]
         raise ConfigError(
             f"thresholds are estimated from a batchtopk or topk model; this one is {model.config.activation_fn}"
         )
-    stats = ThresholdStats(model.config.num_layers, model.num_local_features)
+    stats = ThresholdStats(model.num_layers, model.num_local_features)
     for x in batches:
         pre = model.encode(x.float())
         stats.update(pre, model.activate(pre) != 0)

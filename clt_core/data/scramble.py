@@ -267,11 +267,11 @@ class _SpillFiles:
         self._files: list[BinaryIO | None] = [None] * num_buckets
 
     def append(self, bucket: int, records: np.ndarray) -> None:
-        data = memoryview(records.view(np.uint8))
+        data = records.view(np.uint8).data  # a memoryview (numpy declares the buffer protocol for Python 3.12+ only)
         with self._locks[bucket]:
             if not self._keep_open:
-                with self.paths[bucket].open("ab") as f:
-                    f.write(data)
+                with self.paths[bucket].open("ab") as out:
+                    out.write(data)
                 return
             f = self._files[bucket]
             if f is None:
@@ -457,7 +457,7 @@ def _gather_pass(
     buf_ids = np.empty(s, np.int32)
     block_rows = min(s, plan.block_rows)
     block = np.empty(block_rows, rec_dt)
-    block_bytes = memoryview(block.view(np.uint8))
+    block_bytes = block.view(np.uint8).data
     for k, path in enumerate(spill.paths):
         n_k = min(s, plan.num_rows - k * s)
         size = path.stat().st_size if path.exists() else 0

@@ -19,7 +19,7 @@ import zarr
 
 from clt_core.data.norm_stats import NormStats, NormStatsAccumulator, RunningMoments
 from clt_core.data.storage import storage_errors
-from clt_core.data.store import ActivationStore, require_group
+from clt_core.data.store import ActivationStore, child_array, child_group, int_attr, require_group
 from clt_core.errors import ConfigError, StoreError
 
 GROUP = "shards"
@@ -75,12 +75,16 @@ def _records(store: ActivationStore) -> zarr.Group:
 def read_progress(store: ActivationStore, shard: Shard) -> ShardProgress | None:
     """The shard's record, or None if it never committed anything."""
     with storage_errors(store.url, f"read the progress of shard {shard.name}"):
-        if GROUP not in store.group or shard.name not in store.group[GROUP]:
+        if GROUP not in store.group or shard.name not in (records := child_group(store.group, GROUP, store.url)):
             return None
-        attrs = dict(store.group[GROUP][shard.name].attrs)
-    if "rows_done" not in attrs:  # the record's group is made before its first attributes are written
+        record = child_group(records, shard.name, store.url)
+    if "rows_done" not in record.attrs:  # the record's group is made before its first attributes are written
         return None
-    return ShardProgress(attrs["start"], attrs["stop"], attrs["rows_done"], attrs["done"])
+    start, stop, rows_done = (int_attr(record, key, store.url) for key in ("start", "stop", "rows_done"))
+    done = record.attrs.get("done")
+    if not isinstance(done, bool):
+        raise StoreError(f"{store.url}: shard record {record.path} says done={done!r}, not true or false")
+    return ShardProgress(start, stop, rows_done, done)
 
 
 def record_progress(store: ActivationStore, shard: Shard, progress: ShardProgress) -> None:
@@ -119,9 +123,9 @@ def finish(url: str, count: int, total_rows: int) -> tuple[int, NormStats | None
     acc = NormStatsAccumulator(store.num_layers, store.d_model)
     with storage_errors(store.url, "merge the shards' norm stats"):
         for i in range(count):
-            group = store.group[GROUP][Shard(i, count).name]
-            n = int(group.attrs["count"])
-            mean_in, m2_in, mean_tg, m2_tg = (np.asarray(group[name][...]) for name in _MOMENTS)
+            group = child_group(child_group(store.group, GROUP, store.url), Shard(i, count).name, store.url)
+            n = int_attr(group, "count", store.url)
+            mean_in, m2_in, mean_tg, m2_tg = (np.asarray(child_array(group, name, store.url)[...]) for name in _MOMENTS)
             acc = acc.merge(
                 NormStatsAccumulator.of_moments(RunningMoments(n, mean_in, m2_in), RunningMoments(n, mean_tg, m2_tg))
             )
@@ -136,7 +140,7 @@ def finish(url: str, count: int, total_rows: int) -> tuple[int, NormStats | None
 def describe_progress(store: ActivationStore) -> str | None:
     """One line on an unfinished sharded write (None for any other store)."""
     with storage_errors(store.url, "read the shards' progress"):
-        names = list(store.group[GROUP].group_keys()) if GROUP in store.group else []
+        names = list(child_group(store.group, GROUP, store.url).group_keys()) if GROUP in store.group else []
     if not names or store.num_rows > 0:
         return None
     count = int(names[0].split("-of-")[1])

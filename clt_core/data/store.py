@@ -14,9 +14,9 @@ from __future__ import annotations
 import datetime as dt
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -178,7 +178,7 @@ class ActivationStore:
         }
         arrays["token_ids"] = {"shape": (reserve_rows,), "chunks": (rows,), "dtype": np.int32, "fill_value": -1}
         with storage_errors(loc.url, "create the store"):
-            metadata = {INFO_KEY: store_info.model_dump(mode="json")}
+            metadata: dict[str, Any] = {INFO_KEY: store_info.model_dump(mode="json")}
             if exist_ok:
                 try:
                     group = zarr.open_group(zarr_store(loc, read_only=False), mode="a", zarr_format=3)
@@ -215,6 +215,8 @@ class ActivationStore:
         raw = self.group.attrs.get(INFO_KEY)
         if raw is None:
             raise StoreError(f"{self.loc.url}: a Zarr group but not an activation store (no '{INFO_KEY}' attribute)")
+        if not isinstance(raw, Mapping):
+            raise StoreError(f"{self.loc.url}: invalid '{INFO_KEY}' metadata: a {type(raw).__name__}, not a mapping")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise StoreError(
@@ -282,7 +284,7 @@ class ActivationStore:
         return self.info.d_model
 
     @property
-    def dtype(self) -> str:
+    def dtype(self) -> DType:
         return self.info.dtype
 
     @property
@@ -400,7 +402,7 @@ class ActivationStore:
                 try:
                     arr = group.require_array(name, shape=shape, dtype=np.float64, chunks=shape)
                 except ContainsArrayError:  # another process made it meanwhile
-                    arr = group[name]
+                    arr = child_array(group, name, self.url)
                 except TypeError:  # of another shape or dtype: replace it
                     arr = group.create_array(name, shape=shape, dtype=np.float64, chunks=shape, overwrite=True)
                 arr[...] = value
@@ -411,12 +413,12 @@ class ActivationStore:
         with storage_errors(self.url, "read norm stats"):
             if "norm_stats" not in self.group:
                 return None
-            group = self.group["norm_stats"]
+            group = child_group(self.group, "norm_stats", self.url)
             try:
-                arrays = {name: np.asarray(group[name][...]) for name in NormStats.ARRAYS}
+                arrays = {name: np.asarray(child_array(group, name, self.url)[...]) for name in NormStats.ARRAYS}
             except KeyError as err:
                 raise StoreError(f"{self.url}: norm_stats is incomplete (missing {err})") from None
-            return NormStats(count=int(group.attrs.get("count", 0)), **arrays)
+            return NormStats(count=int_attr(group, "count", self.url, default=0), **arrays)
 
     def __repr__(self) -> str:
         i = self.info
@@ -431,12 +433,41 @@ def require_group(parent: zarr.Group, name: str) -> zarr.Group:
     shards of a parallel write do), which Zarr reports as ContainsGroupError."""
     try:
         return parent.require_group(name)
-    except ContainsGroupError:
-        return parent[name]
+    except ContainsGroupError:  # what is there now is that group
+        return cast(zarr.Group, parent[name])
+
+
+def child_group(parent: zarr.Group, name: str, url: str) -> zarr.Group:
+    """`parent[name]`, which must be a group: KeyError when it is absent, StoreError when it is an array."""
+    node = parent[name]
+    if not isinstance(node, zarr.Group):
+        raise StoreError(f"{url}: '{_member(parent, name)}' is an array where a group belongs; the store is damaged")
+    return node
+
+
+def child_array(parent: zarr.Group, name: str, url: str) -> zarr.Array:
+    """`parent[name]`, which must be an array: KeyError when it is absent, StoreError when it is a group."""
+    node = parent[name]
+    if not isinstance(node, zarr.Array):
+        raise StoreError(f"{url}: '{_member(parent, name)}' is a group where an array belongs; the store is damaged")
+    return node
+
+
+def int_attr(node: zarr.Group, key: str, url: str, default: int | None = None) -> int:
+    """The integer attribute `key` of `node`; StoreError when it is absent (and no default) or not an integer."""
+    value = node.attrs.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        where = node.path or "/"
+        raise StoreError(f"{url}: attribute '{key}' of '{where}' is {value!r}, not an integer; the store is damaged")
+    return value
+
+
+def _member(parent: zarr.Group, name: str) -> str:
+    return f"{parent.path}/{name}" if parent.path else name
 
 
 def _read_slice(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
-    return arr[start:stop]
+    return np.asarray(arr[start:stop])
 
 
 def store_exists(url: str) -> bool:
@@ -546,11 +577,11 @@ class StoreWriter:
             if ids.shape != (n,):
                 raise StoreError(f"token_ids has shape {ids.shape}, expected ({n},)")
         if n:
-            block = (to_storage(inputs, st.dtype), to_storage(targets, st.dtype), ids)
+            xs, ys = to_storage(inputs, st.dtype), to_storage(targets, st.dtype)
             if self.rows_buffered + n < st.rows_per_chunk:
                 # Rows that wait in the buffer must not alias the caller's arrays, which it may reuse.
-                block = tuple(np.array(a, copy=True) for a in block)
-            self._buffer.append(block)
+                xs, ys, ids = (np.array(a, copy=True) for a in (xs, ys, ids))
+            self._buffer.append((xs, ys, ids))
         if self.rows_buffered >= st.rows_per_chunk:
             self._flush(full_chunks_only=True)
 

@@ -253,7 +253,7 @@ def _read_chunk(store: ActivationStore, chunk: int) -> ChunkScan:
     for arr in (store.inputs, store.targets, store.token_ids):
         try:
             with storage_errors(store.url, f"read chunk {chunk} of '{arr.basename}'"):
-                data = arr[start:stop]
+                data = np.asarray(arr[start:stop])
         except StoreError as err:
             result.storage_error = str(err)
             return result

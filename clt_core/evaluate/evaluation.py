@@ -109,7 +109,7 @@ def evaluate(model_dir: str | Path, out: str | Path | None = None, config: Evalu
     config = config or EvaluateConfig()
     model_dir = Path(model_dir)
     out = Path(out) if out else model_dir / "evaluation"
-    report = {"reconstruction": reconstruction_report(model_dir, config)}
+    report: dict[str, Any] = {"reconstruction": reconstruction_report(model_dir, config)}
     density = report["reconstruction"].pop("feature_density")
     if config.spliced:
         report["spliced"] = spliced_report(model_dir, config, progress)

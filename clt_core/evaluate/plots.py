@@ -106,7 +106,7 @@ def plot_feature_density(density: torch.Tensor, path: Path) -> Path:
     L = density.shape[0]
     floor = 1e-7
     fig, ax = plt.subplots(figsize=(7, 4))
-    bins = torch.linspace(-7, 0, 57).numpy()
+    bins = torch.linspace(-7, 0, 57).tolist()
     for layer in range(L):
         values = density[layer].clamp_min(floor).log10().numpy()
         ax.hist(values, bins=bins, histtype="step", label=f"layer {layer}" if L <= 12 else None)

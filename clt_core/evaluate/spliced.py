@@ -74,13 +74,15 @@ class CLTReplacement:
 
     def add_features(self, layer: int, acts: torch.Tensor) -> None:
         m = self.model
-        L, d = m.config.num_layers, m.config.d_model
+        L, d = m.num_layers, m.d_model
         if self.partial is None:
             self.partial = torch.zeros(acts.shape[0], L, d, device=acts.device)
         self.partial[:, layer:] += m.decode_layer(layer, acts).reshape(-1, L - layer, d)
 
     def output(self, layer: int) -> torch.Tensor:
         """The raw reconstruction `[N, d]` of layer `layer` from the features added so far."""
+        if self.partial is None:
+            raise RuntimeError("CLTReplacement.output before any add_features since reset: no features to decode")
         y = self.partial[:, layer] + self.model.b_dec[layer]
         return y if self.stats is None else y * self.stats[3][layer] + self.stats[2][layer]
 
@@ -197,6 +199,8 @@ def spliced_metrics(
         zero, _ = runner.logits(ids, keep, zero_replacement)
         spliced, _ = runner.logits(ids, keep, replacement_for_batch(keep))
         totals.add(original, spliced, zero, ids)
+        if per_layer is None:
+            continue
         for layer, sums in enumerate(layer_totals):
             only, _ = runner.logits(ids, keep, _from_original(per_layer, keep, inputs, layer), layers=[layer])
             zero_one, _ = runner.logits(ids, keep, zero_replacement, layers=[layer])

@@ -141,13 +141,14 @@ def export_circuit_tracer(
         input_hook, output_hook = input_hook or hooks[0], output_hook or hooks[1]
     model, normalizer, _, _ = load(model_dir)
     state = fold_normalization(dict(model.named_parameters()), normalizer)
+    num_layers = model.num_layers
     del model
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # mkdir, unlike mkdtemp, keeps umask
     tmp.mkdir()
     try:
-        for i in range(config.num_layers):
+        for i in range(num_layers):
             encoder = {
                 f"W_enc_{i}": state["W_enc"][i],
                 f"b_enc_{i}": state["b_enc"][i],
@@ -212,7 +213,7 @@ def load_circuit_tracer(export_dir: str | Path) -> tuple[CrossLayerTranscoder, d
     model = CrossLayerTranscoder(config)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for i in range(config.num_layers):
+        for i in range(model.num_layers):
             enc, dec = _read(path / f"W_enc_{i}.safetensors"), _read(path / f"W_dec_{i}.safetensors")
             values = {"W_enc": enc.get(f"W_enc_{i}"), "b_enc": enc.get(f"b_enc_{i}"), "b_dec": enc.get(f"b_dec_{i}")}
             if model.log_threshold is not None:

@@ -190,7 +190,7 @@ def _extract_rows(
     shard: Shard,
     lease: StoreLease,
     start_time: float,
-    device: torch.device,
+    device: str,
     progress: bool,
 ) -> ExtractSummary:
     """Write this run's rows (all of them, or the shard's range), from where an earlier run stopped."""

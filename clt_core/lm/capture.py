@@ -52,13 +52,16 @@ class CapturePoints:
         }
 
 
-_LAYERS_MLP = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.mlp", "output")
+Preset = tuple[str, CaptureKind, str, CaptureKind]
+"""`(input template, input kind, output template, output kind)`."""
+
+_LAYERS_MLP: Preset = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.mlp", "output")
 # Gemma 2/3 normalise the MLP output (post_feedforward_layernorm) before adding it to the residual stream. The target is
 # that normalised output: it is what the MLP block writes to the residual (TransformerLens' `hook_mlp_out`, used by
 # Gemma Scope and circuit-tracer transcoders), so splicing the CLT in replaces the MLP *and* its output norm.
-_GEMMA2 = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.post_feedforward_layernorm", "output")
+_GEMMA2: Preset = ("model.layers.{layer}.mlp", "input", "model.layers.{layer}.post_feedforward_layernorm", "output")
 
-PRESETS: dict[str, tuple[str, CaptureKind, str, CaptureKind]] = {
+PRESETS: dict[str, Preset] = {
     "llama": _LAYERS_MLP,  # SmolLM and SmolLM2 are llama
     "mistral": _LAYERS_MLP,
     "qwen2": _LAYERS_MLP,
@@ -89,15 +92,18 @@ def capture_points(
 
     A template that names no module fails here, before a batch runs, listing the module names the user probably meant.
     """
-    config = model.config
+    config: Any = model.config  # a transformers PretrainedConfig (nn.Module types its attributes Tensor | Module)
     model_type = config.model_type
     preset = PRESETS.get(model_type)
-    if preset is None and (input_template is None or output_template is None):
-        raise ModelError(
-            f"no capture preset for architecture '{model_type}' (presets: {', '.join(sorted(PRESETS))}); give "
-            f"--input-template and --output-template, e.g. for layer 0 one of: {_candidates(model, 0, '')}"
-        )
-    in_t, in_k, out_t, out_k = preset or (None, "input", None, "output")
+    if preset is None:
+        if input_template is None or output_template is None:
+            raise ModelError(
+                f"no capture preset for architecture '{model_type}' (presets: {', '.join(sorted(PRESETS))}); give "
+                f"--input-template and --output-template, e.g. for layer 0 one of: {_candidates(model, 0, '')}"
+            )
+        custom: Preset = (input_template, "input", output_template, "output")
+        preset = custom
+    in_t, in_k, out_t, out_k = preset
     points = CapturePoints(
         input_template=input_template or in_t,
         output_template=output_template or out_t,

@@ -210,7 +210,7 @@ def _read_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelError(f"cannot load GGUF {path}: {first_line(err)}") from err
     # The weights are dequantised: drop the quantizer so the model saves, casts and moves like a plain one.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch annotates Module.__setattr__ Tensor | Module only
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer

@@ -16,6 +16,7 @@ the batches of one forward pass.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -28,7 +29,8 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-class PackedWindow(NamedTuple):
+@dataclasses.dataclass(frozen=True, slots=True)  # not a NamedTuple: its field `index` would hide tuple.index
+class PackedWindow:
     """One context window: exactly `context_size` tokens, no padding."""
 
     token_ids: np.ndarray
@@ -164,7 +166,9 @@ def _bos_id(tokenizer: PreTrainedTokenizerBase, bos_token: str | None) -> int:
         return int(tokenizer.bos_token_id)
     # A vocabulary lookup: tokenising the text of a special token may split it.
     token_id = tokenizer.convert_tokens_to_ids(bos_token)
-    if token_id is None or (token_id == tokenizer.unk_token_id and bos_token != tokenizer.unk_token):
+    if not isinstance(token_id, int | np.integer) or (
+        token_id == tokenizer.unk_token_id and bos_token != tokenizer.unk_token
+    ):  # None: not in the vocabulary
         raise ConfigError(f"bos_token {bos_token!r} is not a single token of this tokenizer")
     return int(token_id)
 
@@ -212,7 +216,7 @@ def limit_rows(windows: Iterable[PackedWindow], rows: int) -> Iterator[PackedWin
             return
         kept = int(window.keep.sum())
         if kept > left:
-            window = window._replace(keep=_keep_first(window.keep, left))
+            window = dataclasses.replace(window, keep=_keep_first(window.keep, left))
             kept = left
         left -= kept
         yield window
@@ -228,7 +232,7 @@ def skip_rows(windows: Iterable[PackedWindow], rows: int) -> Iterator[PackedWind
             if kept <= left:
                 left -= kept
                 continue
-            window = window._replace(keep=window.keep & ~_keep_first(window.keep, left))
+            window = dataclasses.replace(window, keep=window.keep & ~_keep_first(window.keep, left))
             left = 0
         yield window
 

@@ -70,9 +70,9 @@ class CrossLayerTranscoder(nn.Module):
         super().__init__()
         self.config = config
         self.shards = shards or FeatureShards()
-        if config.num_layers is None or config.d_model is None:
-            raise ConfigError("the model needs num_layers and d_model (training takes them from the store)")
-        L, d, F = config.num_layers, config.d_model, config.num_features
+        L, d = config.sizes()
+        F = config.num_features
+        self.num_layers, self.d_model = L, d
         if F % self.shards.world_size:
             raise ConfigError(f"num_features={F} must be a multiple of the {self.shards.world_size} feature shards")
         lo, hi = self.shards.bounds(F)
@@ -157,7 +157,7 @@ class CrossLayerTranscoder(nn.Module):
     def decode(self, acts: torch.Tensor, pre: torch.Tensor | None = None, bias: bool = True) -> torch.Tensor:
         """Activations `[B, L, F_local]` -> reconstruction `[B, L, d]`, summed over shards (+ `b_dec`)."""
         cfg = self.config
-        B, L, d = acts.shape[0], cfg.num_layers, cfg.d_model
+        B, L, d = acts.shape[0], self.num_layers, self.d_model
         sparse = self._decodes_sparsely(acts)
         grad_mask = None
         if sparse and cfg.activation_fn == "jumprelu" and pre is not None and self.log_threshold.requires_grad:

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from clt_core.config import Config
+from clt_core.errors import ConfigError
 
 Activation = Literal["jumprelu", "relu", "batchtopk", "topk"]
 
@@ -50,3 +51,9 @@ class CLTConfig(Config):
                 f"k={self.k:g} is more than the {limit} features of all layers together; lower k or raise num_features"
             )
         return self
+
+    def sizes(self) -> tuple[int, int]:
+        """`(num_layers, d_model)`, which every built or saved model has (training takes them from the store)."""
+        if self.num_layers is None or self.d_model is None:
+            raise ConfigError("the model needs num_layers and d_model (training takes them from the store)")
+        return self.num_layers, self.d_model

@@ -49,14 +49,14 @@ def clt_loss(
     acts, pre = _upcast(out.activations), _upcast(out.preactivations)
     error = out.reconstruction - _upcast(targets)
     reconstruction = error.pow(2).mean(dim=(0, 2)).sum()
-    need_norms = sparsity_lambda > 0 or preactivation_coef > 0
-    norms = model.decoder_norms() if need_norms else None
     sparsity = preactivation = auxk = zero
-    if sparsity_lambda > 0:
-        sparsity = sparsity_lambda * torch.tanh(sparsity_c * acts * norms).sum(dim=(1, 2)).mean()
-    if preactivation_coef > 0:
-        gap = (model.threshold - pre).clamp_min(0)
-        preactivation = preactivation_coef * (gap * norms).sum(dim=(1, 2)).mean()
+    if sparsity_lambda > 0 or preactivation_coef > 0:
+        norms = model.decoder_norms()
+        if sparsity_lambda > 0:
+            sparsity = sparsity_lambda * torch.tanh(sparsity_c * acts * norms).sum(dim=(1, 2)).mean()
+        if preactivation_coef > 0:
+            gap = (model.threshold - pre).clamp_min(0)
+            preactivation = preactivation_coef * (gap * norms).sum(dim=(1, 2)).mean()
     if auxk_coef > 0 and dead_mask is not None:  # not `dead_mask.any()`: that is local, and _auxk holds collectives
         auxk = auxk_coef * _auxk(model, out, error.detach(), dead_mask, auxk_k)
     return LossTerms(reconstruction + sparsity + preactivation + auxk, reconstruction, sparsity, preactivation, auxk)

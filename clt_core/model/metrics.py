@@ -17,13 +17,13 @@ def reconstruction_metrics(
 ) -> dict[str, Any]:
     """NMSE, explained variance and L0 per layer, dead fraction and feature density over (inputs, targets) batches
     of normalised rows."""
-    L = model.config.num_layers
+    L = model.num_layers
     # Sums stay on `device` until the end: one transfer, not a host sync per batch. Firing is counted in integers
     # (exact, like the float64 sums of 0/1 it replaces, without a float64 copy of the activations per batch).
     sums = torch.zeros(4, L, dtype=torch.float64, device=device)  # squared error, error, y, y²
     fired = torch.zeros(L, model.num_local_features, dtype=torch.int64, device=device)
     rows = 0
-    d = model.config.d_model
+    d = model.d_model
     for inputs, targets in batches:
         x = inputs.to(device, torch.float32)
         y = targets.to(device, torch.float32)

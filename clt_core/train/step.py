@@ -72,7 +72,7 @@ class TrainStep:
         """One step on normalised inputs and targets `[B, L, d]` (any float dtype); `dead [L, F_local]` marks the
         features AuxK may use."""
         model, cfg = self.model, self.config
-        if self.sparse:
+        if self.weights is not None:  # the sparse path
             per_layer, acts = model.sparse_loss(x, y, self.weights)
             loss = per_layer.sum()
             zero = torch.zeros((), device=loss.device)

@@ -27,6 +27,7 @@ from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
 from clt_core.model.directory import gather_full, local_slice
 from clt_core.model.directory import save as save_model
+from clt_core.model.parallel import FeatureShards
 from clt_core.tracking import JsonlTracker, MlflowTracker, Trackers
 from clt_core.train.checkpoint import load_training_state, read_trainer_state, save_checkpoint
 from clt_core.train.config import TrainConfig
@@ -114,7 +115,10 @@ def train(
         close_feature_shards(shards)
 
 
-def _train(config: TrainConfig, shards, device: str, resume: bool, progress: bool, progress_every: float | None):
+def _train(
+    config: TrainConfig, shards: FeatureShards, device: str, resume: bool, progress: bool, progress_every: float | None
+) -> TrainResult:
+    assert config.data is not None, "train() checks that the config names its data"
     out_dir = Path(config.output_dir)
     store = ActivationStore.open(config.data)
     geometry = {"num_layers": store.num_layers, "d_model": store.d_model}
@@ -146,7 +150,7 @@ def _train(config: TrainConfig, shards, device: str, resume: bool, progress: boo
     sampler = ActivationSampler(store, config.sampler)
     source = {"data": store.url, "store": store.info.model_dump(mode="json"), "sampler": config.sampler.model_dump()}
     extras = (sampler.normalizer, source)
-    L, F_local = model_cfg.num_layers, model.num_local_features
+    L, F_local = model.num_layers, model.num_local_features
     since_fired = torch.zeros(L, F_local, dtype=torch.float64, device=device)
     step = 0
     existing = checkpoints(out_dir, warn=resume)

@@ -107,6 +107,19 @@ def test_a_progress_record_is_one_metadata_write(tmp_path: Path, monkeypatch: py
     assert read_progress(store, shard) == ShardProgress(4, 8, 4, True)
 
 
+def test_a_damaged_progress_record_is_reported(tmp_path: Path) -> None:
+    store = ActivationStore.create(str(tmp_path / "s"), num_layers=2, d_model=8, rows_per_chunk=4, reserve_rows=8)
+    shard = Shard(1, 2)
+    record_progress(store, shard, ShardProgress(4, 8))
+    record = store.group["shards"][shard.name]
+    record.update_attributes({"done": "yes"})
+    with pytest.raises(CLTError, match="shard record shards/1-of-2 says done='yes', not true or false"):
+        read_progress(store, shard)
+    record.update_attributes({"done": False, "rows_done": 2.5})
+    with pytest.raises(CLTError, match=r"attribute 'rows_done' of 'shards/1-of-2' is 2\.5, not an integer"):
+        read_progress(store, shard)
+
+
 def test_sharded_extraction_equals_the_unsharded_one(
     tiny_dirs: dict[str, Path], tmp_path: Path, reference: str
 ) -> None:

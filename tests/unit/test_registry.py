@@ -51,6 +51,23 @@ def test_the_gate_compares_at_matched_l0() -> None:
     assert decide({"ce_recovered": 0.9}, {"ce_recovered": 0.8}, ce).promote
 
 
+def test_an_experiment_that_cannot_be_created_reports_the_store_error(
+    tracking: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an experiment made meanwhile by a parallel run is looked up again; any other failure is MLflow's own."""
+    from mlflow.exceptions import MlflowException
+
+    from flows.registry import experiment_id
+
+    def refuse(self: MlflowClient, name: str) -> str:
+        raise MlflowException(f"cannot create experiment {name!r}: read-only store")
+
+    monkeypatch.setattr(MlflowClient, "create_experiment", refuse)
+    with pytest.raises(MlflowException, match="read-only store"):  # not an AttributeError on None
+        experiment_id("never-made")
+    assert experiment_id("registry-test")  # an existing one is found, nothing is created
+
+
 def test_champion_moves_only_to_a_better_version(model_dir: Path, tracking: str) -> None:
     client = MlflowClient()
     results = []

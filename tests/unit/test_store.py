@@ -449,6 +449,27 @@ def test_invalid_store_metadata_is_reported(tmp_path: Path) -> None:
         ActivationStore.open(url)
 
 
+def test_store_metadata_that_is_not_a_mapping_is_reported(tmp_path: Path) -> None:
+    url = _make(tmp_path)
+    zarr.open_group(url, mode="r+").attrs[INFO_KEY] = [1, 2]
+    with pytest.raises(StoreError, match="invalid 'clt_dataset' metadata: a list, not a mapping"):
+        ActivationStore.open(url)
+
+
+def test_damaged_norm_stats_are_reported(tmp_path: Path) -> None:
+    from clt_core.data.norm_stats import compute_norm_stats
+
+    url = _make(tmp_path)
+    zarr.open_group(url, mode="r+").create_array("norm_stats", shape=(1,), dtype="f8")  # where the group belongs
+    with pytest.raises(StoreError, match="'norm_stats' is an array where a group belongs; the store is damaged"):
+        ActivationStore.open(url).read_norm_stats()
+    zarr.open_group(url, mode="r+").__delitem__("norm_stats")
+    compute_norm_stats(ActivationStore.open(url, mode="a"), progress=False)
+    zarr.open_group(url, mode="r+")["norm_stats"].attrs["count"] = "many"
+    with pytest.raises(StoreError, match="attribute 'count' of 'norm_stats' is 'many', not an integer"):
+        ActivationStore.open(url).read_norm_stats()
+
+
 def test_store_info_keeps_unknown_fields() -> None:
     """Newer writers may add fields; this reader keeps them rather than dropping them on the next commit."""
     info = StoreInfo(num_layers=1, d_model=2, dtype="float32", tokenizer="gpt2")

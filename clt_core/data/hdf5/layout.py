@@ -19,7 +19,7 @@ MANIFEST_DTYPE = np.dtype([("chunk_id", "<i4"), ("num_tokens", "<i4"), ("offset"
 """One per-chunk record of index.bin (16 bytes); `offset` is the chunk's first global row."""
 PAIR_DTYPE = np.dtype("<u4")
 """The legacy index.bin: a `(chunk_id, row)` pair of these per row (8 bytes)."""
-HDF5_DTYPES = {np.dtype("<u2"): "bfloat16", np.dtype("<f2"): "float16", np.dtype("<f4"): "float32"}
+HDF5_DTYPES: dict[np.dtype, str] = {np.dtype("<u2"): "bfloat16", np.dtype("<f2"): "float16", np.dtype("<f4"): "float32"}
 """HDF5 storage dtype -> the store's logical dtype (bfloat16 travels as its uint16 bits in both formats)."""
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 SEED_HDF5_CHUNK_ROWS = 16384

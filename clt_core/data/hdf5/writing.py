@@ -80,7 +80,9 @@ def _plan_from_source(store: ActivationStore, source: Any) -> _Plan | None:
 
 def _native_plan(store: ActivationStore) -> _Plan:
     """One uncompressed file per store chunk, a per-chunk index, metadata.json from the store's info."""
-    known_ids = any(bool((store.token_ids[a:b] != -1).any()) for a, b in blocks(0, store.num_rows, 1 << 22) if b > a)
+    known_ids = any(
+        bool((np.asarray(store.token_ids[a:b]) != -1).any()) for a, b in blocks(0, store.num_rows, 1 << 22) if b > a
+    )
     layouts: list[dict[str, Any]] = []
     files, runs = [], []
     for i in range(store.num_chunks):
