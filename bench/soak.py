@@ -74,8 +74,9 @@ def build_store(url: str, gb: float, layers: int, d_model: int, seed: int = 0) -
     import numpy as np
     import torch
 
+    from clt_core.data.layout import to_storage
     from clt_core.data.norm_stats import NormStats
-    from clt_core.data.store import ActivationStore, to_storage
+    from clt_core.data.store import ActivationStore
 
     store = ActivationStore.create(
         url,

@@ -31,8 +31,9 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
+from clt_core.data.layout import ActivationRows
 from clt_core.data.norm_stats import NormStats, finite_rows
-from clt_core.data.store import ActivationRows, ActivationStore
+from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError, StoreError
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

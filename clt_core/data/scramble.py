@@ -300,7 +300,8 @@ def scramble_store(
     `parent=src_url` and `seed=config.seed`. `scrambled` is set last, so an interrupted run never looks finished;
     a failed run removes the partial destination and always removes its temp files.
     """
-    from clt_core.data.store import DTYPES, ActivationStore, check_destination
+    from clt_core.data.layout import DTYPES
+    from clt_core.data.store import ActivationStore, check_destination
 
     t0 = time.perf_counter()
     src_loc, dst_loc = parse_url(src_url), parse_url(dst_url)
@@ -335,7 +336,8 @@ def _scramble(
     progress: bool,
     t0: float,
 ) -> ScrambleSummary:
-    from clt_core.data.store import DTYPES, ActivationStore, StoreWriter
+    from clt_core.data.layout import DTYPES
+    from clt_core.data.store import ActivationStore, StoreWriter
 
     src_loc, n, storage_np = parse_url(src.url), src.num_rows, DTYPES[src.dtype][0]
     tmp_root = _make_tmp_dir(config.tmp_dir, need=n * rec_dt.itemsize)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
+from clt_core.data.layout import child_array, child_group, int_attr, require_group
 from clt_core.data.norm_stats import NormStats, NormStatsAccumulator, RunningMoments
 from clt_core.data.storage import storage_errors
-from clt_core.data.store import ActivationStore, child_array, child_group, int_attr, require_group
+from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError, StoreError
 
 GROUP = "shards"

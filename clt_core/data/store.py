@@ -1,8 +1,9 @@
 """The activation store: a Zarr v3 group holding MLP inputs and targets per token row (format_version 1).
 
-Layout (docs/formats.md): arrays `inputs` and `targets` `[N, L, d]` chunked `(rows_per_chunk, L, d)`, `token_ids [N]`,
-the group attribute `clt_dataset` (a `StoreInfo`), and an optional `norm_stats` subgroup of float64 `[L, d]` arrays.
-bfloat16 is stored as its uint16 bit pattern with the array attribute `logical_dtype: "bfloat16"`.
+Layout (docs/formats.md; its constants and types in data/layout.py): arrays `inputs` and `targets` `[N, L, d]`
+chunked `(rows_per_chunk, L, d)`, `token_ids [N]`, the group attribute `clt_dataset` (a `StoreInfo`), and an optional
+`norm_stats` subgroup of float64 `[L, d]` arrays. bfloat16 is stored as its uint16 bit pattern with the array
+attribute `logical_dtype: "bfloat16"`.
 
 Commit protocol: rows become visible only when `rows_committed` in `clt_dataset` is advanced, which happens after
 the chunk objects holding them were written (local writes are atomic renames, S3 PUTs are atomic). A writer that
@@ -16,97 +17,41 @@ import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import zarr
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
+from clt_core.data.layout import (
+    ARRAYS,
+    DTYPES,
+    FORMAT_VERSION,
+    INFO_KEY,
+    ActivationRows,
+    DType,
+    StoreInfo,
+    child_array,
+    child_group,
+    default_rows_per_chunk,
+    from_storage,
+    int_attr,
+    require_group,
+    to_storage,
+)
 from clt_core.data.norm_stats import NormStats
 from clt_core.data.storage import StoreLocation, parse_url, storage_errors, zarr_store
 from clt_core.errors import StoreError
 
-FORMAT_VERSION = 1
-INFO_KEY = "clt_dataset"
-ARRAYS = ("inputs", "targets")
-DType = Literal["bfloat16", "float16", "float32"]
-
-# logical dtype -> (numpy storage dtype, torch dtype)
-DTYPES: dict[str, tuple[np.dtype, torch.dtype]] = {
-    "bfloat16": (np.dtype(np.uint16), torch.bfloat16),
-    "float16": (np.dtype(np.float16), torch.float16),
-    "float32": (np.dtype(np.float32), torch.float32),
-}
-DEFAULT_CHUNK_BYTES = 4 * 2**20
 # Two pools, so no task ever waits on a task queued behind it in its own pool: `_io_pool` runs only leaf reads and
 # writes of one array slice (which never wait on anything), `_prefetch_pool` runs whole-chunk reads for
 # `iter_chunks`, which wait on `_io_pool`. With one shared pool, 16 concurrent prefetches filled every thread while
 # waiting for their own slice reads, and e.g. `compute_norm_stats(workers=8)` deadlocked.
 _io_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="clt-store-io")
 _prefetch_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="clt-store-prefetch")
-
-
-class StoreInfo(BaseModel):
-    """The `clt_dataset` group attribute: what the store holds and where it came from."""
-
-    model_config = ConfigDict(extra="allow")
-
-    format_version: int = FORMAT_VERSION
-    num_layers: int
-    d_model: int
-    dtype: DType
-    model: dict[str, Any] = {}
-    """Source model: name, revision or weights file hash."""
-    context_size: int | None = None
-    hook_templates: dict[str, str] = {}
-    """MLP input and output module templates used for capture."""
-    text_dataset: str | None = None
-    seed: int | None = None
-    rows_committed: int = 0
-    scrambled: bool = False
-    parent: str | None = None
-    """URL of the store this one was derived from (scramble, import)."""
-    created_at: str = ""
-
-
-class ActivationRows(NamedTuple):
-    """A block of token rows, in the store's logical dtype."""
-
-    inputs: torch.Tensor
-    """MLP inputs `[n, L, d]`."""
-    targets: torch.Tensor
-    """MLP outputs `[n, L, d]`."""
-    token_ids: torch.Tensor
-    """Token id of each row `[n]` int32 (-1 where unknown)."""
-
-
-def to_storage(x: torch.Tensor | np.ndarray, dtype: str) -> np.ndarray:
-    """Convert rows to the numpy array that is written (bf16 -> its uint16 bits; bit-exact)."""
-    storage_np, torch_dtype = DTYPES[dtype]
-    if isinstance(x, np.ndarray):
-        if x.dtype == storage_np:
-            return x
-        x = torch.from_numpy(x)
-    x = x.detach().to("cpu", torch_dtype).contiguous()
-    if dtype == "bfloat16":
-        x = x.view(torch.uint16)
-    return x.numpy()
-
-
-def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
-    """Inverse of `to_storage`: a torch tensor in the logical dtype (zero-copy)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    return t.view(torch.bfloat16) if dtype == "bfloat16" else t
-
-
-def default_rows_per_chunk(num_layers: int, d_model: int, dtype: str) -> int:
-    """A power of two such that one chunk of one array is about 4 MiB."""
-    row_bytes = num_layers * d_model * DTYPES[dtype][0].itemsize
-    rows = 2 ** round(math.log2(max(1, DEFAULT_CHUNK_BYTES / row_bytes)))
-    return int(min(max(rows, 16), 65536))
 
 
 class ActivationStore:
@@ -426,44 +371,6 @@ class ActivationStore:
             f"ActivationStore({self.url!r}, rows={i.rows_committed}, layers={i.num_layers}, d_model={i.d_model}, "
             f"dtype={i.dtype}, rows_per_chunk={self.rows_per_chunk})"
         )
-
-
-def require_group(parent: zarr.Group, name: str) -> zarr.Group:
-    """`parent.require_group(name)` that tolerates another process creating the group at the same moment (the
-    shards of a parallel write do), which Zarr reports as ContainsGroupError."""
-    try:
-        return parent.require_group(name)
-    except ContainsGroupError:  # what is there now is that group
-        return cast(zarr.Group, parent[name])
-
-
-def child_group(parent: zarr.Group, name: str, url: str) -> zarr.Group:
-    """`parent[name]`, which must be a group: KeyError when it is absent, StoreError when it is an array."""
-    node = parent[name]
-    if not isinstance(node, zarr.Group):
-        raise StoreError(f"{url}: '{_member(parent, name)}' is an array where a group belongs; the store is damaged")
-    return node
-
-
-def child_array(parent: zarr.Group, name: str, url: str) -> zarr.Array:
-    """`parent[name]`, which must be an array: KeyError when it is absent, StoreError when it is a group."""
-    node = parent[name]
-    if not isinstance(node, zarr.Array):
-        raise StoreError(f"{url}: '{_member(parent, name)}' is a group where an array belongs; the store is damaged")
-    return node
-
-
-def int_attr(node: zarr.Group, key: str, url: str, default: int | None = None) -> int:
-    """The integer attribute `key` of `node`; StoreError when it is absent (and no default) or not an integer."""
-    value = node.attrs.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool):
-        where = node.path or "/"
-        raise StoreError(f"{url}: attribute '{key}' of '{where}' is {value!r}, not an integer; the store is damaged")
-    return value
-
-
-def _member(parent: zarr.Group, name: str) -> str:
-    return f"{parent.path}/{name}" if parent.path else name
 
 
 def _read_slice(arr: zarr.Array, start: int, stop: int) -> np.ndarray:

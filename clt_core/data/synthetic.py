@@ -13,7 +13,8 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
-from clt_core.data.store import ActivationStore, DType
+from clt_core.data.layout import DType
+from clt_core.data.store import ActivationStore
 
 
 class SyntheticConfig(Config):

@@ -19,6 +19,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from clt_core.config import Config
+from clt_core.data.layout import DType
 from clt_core.data.lease import StoreLease
 from clt_core.data.norm_stats import NormStatsAccumulator
 from clt_core.data.shards import (
@@ -29,7 +30,7 @@ from clt_core.data.shards import (
     record_done,
     record_progress,
 )
-from clt_core.data.store import ActivationStore, DType
+from clt_core.data.store import ActivationStore
 from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.writer import BackgroundWriter

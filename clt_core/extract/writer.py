@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from clt_core.data.layout import from_storage, to_storage
 from clt_core.data.norm_stats import NormStatsAccumulator
-from clt_core.data.store import StoreWriter, from_storage, to_storage
+from clt_core.data.store import StoreWriter
 
 
 class BackgroundWriter:

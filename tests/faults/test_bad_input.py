@@ -20,9 +20,10 @@ from model_dirs import make_model_dir
 
 from clt_core.cli import main
 from clt_core.data.hdf5 import MANIFEST_DTYPE
+from clt_core.data.layout import FORMAT_VERSION, INFO_KEY
 from clt_core.data.norm_stats import NormStats, compute_norm_stats
 from clt_core.data.sampler import ActivationSampler, SamplerConfig
-from clt_core.data.store import FORMAT_VERSION, INFO_KEY, ActivationStore
+from clt_core.data.store import ActivationStore
 from clt_core.errors import StoreError
 
 L, D, RPC, ROWS = 2, 4, 16, 64  # the small store: 4 chunks of 16 rows

@@ -20,7 +20,8 @@ import pytest
 import torch
 import zarr
 
-from clt_core.data.store import FORMAT_VERSION, INFO_KEY, ActivationStore, StoreInfo
+from clt_core.data.layout import FORMAT_VERSION, INFO_KEY, StoreInfo
+from clt_core.data.store import ActivationStore
 from clt_core.errors import StoreError
 
 # -------------------------------------------------------------------------------------------------- shared data
@@ -568,7 +569,7 @@ def test_require_group_tolerates_a_group_made_meanwhile_by_another_process(tmp_p
     import zarr
     from zarr.errors import ContainsGroupError
 
-    from clt_core.data.store import require_group
+    from clt_core.data.layout import require_group
 
     root = zarr.open_group(str(tmp_path / "g"), mode="w", zarr_format=3)
 

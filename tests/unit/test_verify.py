@@ -10,8 +10,9 @@ import pytest
 import torch
 import zarr
 
+from clt_core.data.layout import INFO_KEY
 from clt_core.data.norm_stats import compute_norm_stats
-from clt_core.data.store import INFO_KEY, ActivationStore
+from clt_core.data.store import ActivationStore
 from clt_core.data.verify import verify_store
 
 RPC = 8
