@@ -39,6 +39,14 @@ static inline bf16 to_bf16(float f) { /* round to nearest even, NaN kept */
  * OpenMP here is PyTorch's own libgomp (already loaded, same soname), so the kernels run on the threads that its
  * operators just used, not on a second pool competing with them for the cores. -- */
 
+static inline void thread_of(int *i, int *n) { /* this thread's number and the team's size */
+#ifdef _OPENMP
+    *i = omp_get_thread_num(), *n = omp_get_num_threads();
+#else
+    *i = 0, *n = 1;
+#endif
+}
+
 static int64_t first_group_at(const int64_t *ptr, int64_t groups, int64_t entry) { /* min g with ptr[g] >= entry */
     int64_t lo = 0, hi = groups;
     while (lo < hi) {
@@ -55,11 +63,8 @@ static void parallel_over(void (*fn)(void *, int64_t, int64_t), void *args, cons
     if (threads < 1 || nnz < 4096) threads = 1;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int i = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int i = 0, n = 1;
-#endif
+        int i, n;
+        thread_of(&i, &n);
         const int64_t lo = i == 0 ? 0 : first_group_at(ptr, groups, nnz * i / n);
         const int64_t hi = i == n - 1 ? groups : first_group_at(ptr, groups, nnz * (i + 1) / n);
         fn(args, lo, hi);
@@ -231,11 +236,8 @@ int64_t clt_entries_above(const bf16 *low, const float *bias, int64_t B, int64_t
     if (threads > MAX_THREADS) threads = MAX_THREADS;
 #pragma omp parallel num_threads(threads)
     {
-#ifdef _OPENMP
-        const int i = omp_get_thread_num(), n = omp_get_num_threads();
-#else
-        const int i = 0, n = 1;
-#endif
+        int i, n;
+        thread_of(&i, &n);
         const int64_t lo = B * i / n, hi = B * (i + 1) / n;
         int64_t found = 0;
         for (int64_t b = lo; b < hi; b++)
