@@ -20,7 +20,7 @@ from tqdm import tqdm
 from clt_core.config import Config
 from clt_core.convert.calibrate import l0_per_layer, layer_scales
 from clt_core.convert.theta import ESTIMATORS, ThresholdStats
-from clt_core.data.sampler import held_out_batches, held_out_range, output_dtype
+from clt_core.data.sampler import held_out_batches, held_out_range
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
@@ -106,11 +106,9 @@ def convert(
     fit_stop, eval_stop = start + fit_rows, min(stop, start + fit_rows + config.eval_rows)
     device = config.device
 
-    training = trained.sampler  # rows read as training read them: its dtype, its NaN/Inf policy
-
     def batches(rows: tuple[int, int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for b in held_out_batches(store, normalizer, batch_size, rows=rows, dtype=output_dtype(store, training),
-                                  nonfinite=training.nonfinite):  # fmt: skip
+        # rows read as training read them: its dtype, its NaN/Inf policy
+        for b in held_out_batches(store, normalizer, rows=rows, sampler=trained.sampler, batch_size=batch_size):
             yield b.inputs.to(device, torch.float32), b.targets.to(device, torch.float32)
 
     def fit_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

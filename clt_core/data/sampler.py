@@ -479,17 +479,18 @@ def held_out_range(store: ActivationStore, holdout_fraction: float) -> tuple[int
 def held_out_batches(
     store: ActivationStore,
     normalizer: Normalizer | None,
-    batch_size: int,
     *,
     rows: tuple[int, int],
-    dtype: torch.dtype,
-    nonfinite: str = "error",
+    sampler: SamplerConfig,
+    batch_size: int | None = None,
 ) -> Iterator[ActivationRows]:
     """Rows [start, stop) in store order (the held-out rows of `held_out_range`, or part of them), prepared as
-    training prepares its batches: rows holding NaN/Inf left out (`nonfinite: skip`) or refused (`error`),
-    normalised with `normalizer` (the model's own), in `dtype`; `batch_size` rows a batch, the last may be smaller.
-    The one reader of held-out rows: training's evaluation, convert and evaluate all read through it."""
+    training with `sampler` prepared its batches: rows holding NaN/Inf left out (`nonfinite: skip`) or refused
+    (`error`), normalised with `normalizer` (the model's own), in the batches' dtype; `batch_size` (default the
+    sampler's) rows a batch, the last may be smaller. The one reader of held-out rows: training's evaluation,
+    convert and evaluate all read through it."""
     start, stop = rows
+    dtype, nonfinite, batch_size = output_dtype(store, sampler), sampler.nonfinite, batch_size or sampler.batch_size
     buffer: list[ActivationRows] = []
     buffered = 0
     lo = start

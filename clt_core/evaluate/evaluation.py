@@ -20,7 +20,7 @@ from clt_core.errors import ConfigError
 from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
 from clt_core.evaluate.reconstruction import evaluate_model
 from clt_core.evaluate.spliced import CLTReplacement, spliced_metrics
-from clt_core.model.directory import load
+from clt_core.model.directory import TrainedModel, load
 
 REPORT_FILE = "evaluation.json"
 
@@ -56,32 +56,31 @@ class EvaluateConfig(Config):
     """Where the CLT and the language model run: auto (CUDA when available), cpu, cuda, cuda:N."""
 
 
-def reconstruction_report(model_dir: Path, config: EvaluateConfig) -> dict[str, Any]:
+def reconstruction_report(trained: TrainedModel, config: EvaluateConfig) -> dict[str, Any]:
     """NMSE, EV, L0 per layer, dead and dense features on held-out rows (`feature_density` still a tensor)."""
     return evaluate_model(
-        model_dir,
+        trained,
         config.data,
         max_rows=config.max_rows,
         batch_size=config.batch_size,
         holdout_fraction=config.holdout_fraction,
         dense_threshold=config.dense_threshold,
-        device=resolve_device(config.device),
     )
 
 
-def spliced_report(model_dir: Path, config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
-    """Spliced-in CE/KL of the model directory's CLT in its language model."""
+def spliced_report(trained: TrainedModel, config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
+    """Spliced-in CE/KL of the model directory's CLT in its language model (on the CLT's device)."""
     from clt_core.lm.capture import capture_points
     from clt_core.lm.corpora import TextConfig
     from clt_core.lm.loading import resolve_model
     from clt_core.lm.windows import batched_windows, iter_windows, limit_rows
 
-    device = resolve_device(config.device)
-    model, normalizer, _, _ = trained = load(model_dir, device=device)
+    model, normalizer = trained.model, trained.normalizer
+    device = str(model.W_enc.device)
     store = trained.store_info
     spec = config.model or store.get("model", {}).get("name")
     if spec is None:
-        raise ConfigError(f"{model_dir} does not say which language model it was trained on; pass --model")
+        raise ConfigError(f"{trained.path} does not say which language model it was trained on; pass --model")
     lm = resolve_model(spec, dtype=torch.float32, device=device)
     hooks = store.get("hook_templates", {})
     points = capture_points(lm.model, hooks.get("input_template"), hooks.get("output_template"),
@@ -109,16 +108,16 @@ def evaluate(model_dir: str | Path, out: str | Path | None = None, config: Evalu
     config = config or EvaluateConfig()
     model_dir = Path(model_dir)
     out = Path(out) if out else model_dir / "evaluation"
-    report: dict[str, Any] = {"reconstruction": reconstruction_report(model_dir, config)}
+    trained = load(model_dir, device=resolve_device(config.device))  # once, for every part of the report
+    report: dict[str, Any] = {"reconstruction": reconstruction_report(trained, config)}
     density = report["reconstruction"].pop("feature_density")
     if config.spliced:
-        report["spliced"] = spliced_report(model_dir, config, progress)
+        report["spliced"] = spliced_report(trained, config, progress)
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_layer_metrics(report["reconstruction"], out / "layers.png"),
              plot_feature_density(density, out / "feature_density.png")]  # fmt: skip
-    model = load(model_dir).model
-    if model.log_threshold is not None:
-        plots.append(plot_thresholds(model, out / "thresholds.png"))
+    if trained.model.log_threshold is not None:
+        plots.append(plot_thresholds(trained.model, out / "thresholds.png"))
     metrics_file = model_dir.parent / "metrics.jsonl"
     if metrics_file.exists():
         plots.append(plot_training_curves(metrics_file, out / "training_curves.png"))

@@ -45,7 +45,7 @@ def plot_thresholds(model: CrossLayerTranscoder, path: Path, silent_above: float
     if model.log_threshold is None:
         raise ConfigError(f"a {model.config.activation_fn} model has no thresholds to plot")
     plt = _pyplot()
-    theta = model.threshold.detach().double()
+    theta = model.threshold.detach().double().cpu()
     L = theta.shape[0]
     live = theta[theta < silent_above]
     lo, hi = (float(live.min().log10()), float(live.max().log10())) if live.numel() else (-3.0, 0.0)

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from clt_core.data.sampler import held_out_batches, held_out_range, output_dtype
+from clt_core.data.sampler import held_out_batches, held_out_range
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
-from clt_core.model.directory import load, read_source
+from clt_core.model.directory import TrainedModel, load
 from clt_core.model.metrics import reconstruction_metrics
 
 log = logging.getLogger(__name__)
@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 DEFAULT_HOLDOUT_FRACTION = 0.05
 
 
-def training_holdout_fraction(model_dir: Path) -> float | None:
+def training_holdout_fraction(trained: TrainedModel) -> float | None:
     """The held-out share the model was trained with: `source.json`'s sampler, else `../train_config.yaml`."""
-    sampler = read_source(model_dir).get("sampler")
+    sampler = trained.source.get("sampler")
     if sampler is None:
-        train_config = model_dir.parent / "train_config.yaml"
+        train_config = trained.path.parent / "train_config.yaml"
         if train_config.exists():
             sampler = (yaml.safe_load(train_config.read_text()) or {}).get("sampler")
     value = (sampler or {}).get("holdout_fraction")
@@ -39,7 +39,7 @@ def training_holdout_fraction(model_dir: Path) -> float | None:
 
 
 def evaluate_model(
-    model_dir: str | Path,
+    model: str | Path | TrainedModel,
     data_url: str | None = None,
     *,
     max_rows: int = 8192,
@@ -48,19 +48,21 @@ def evaluate_model(
     dense_threshold: float = 0.1,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Held-out metrics of the CLT in `model_dir` on `data_url` (default: its training store).
+    """Held-out metrics of the CLT in a model directory (or one already loaded: then on its device) on `data_url`
+    (default: its training store).
 
     `holdout_fraction` overrides the training split (needed when the store is not the training one and the split is
     unknown). Returns JSON-ready per-layer lists and totals plus `feature_density`, a `[L, F]` tensor (fraction of the
     rows each feature fired on) for the density plot.
     """
-    model_dir = Path(model_dir)
-    model, normalizer, _, _ = trained = load(model_dir, device=device)
+    trained = model if isinstance(model, TrainedModel) else load(model, device=device)
+    clt, normalizer, model_dir = trained.model, trained.normalizer, trained.path
+    device = str(clt.W_enc.device)
     url = data_url or trained.data_url
     if url is None:
         raise ConfigError(f"{model_dir} does not say which store it was trained on; pass --data URL")
     store = ActivationStore.open(url)
-    cfg = model.config
+    cfg = clt.config
     if (store.num_layers, store.d_model) != (cfg.num_layers, cfg.d_model):
         raise ConfigError(
             f"{store.url} has {store.num_layers} layers of width {store.d_model}, the model {model_dir} "
@@ -68,7 +70,7 @@ def evaluate_model(
         )
     fraction = holdout_fraction
     if fraction is None:
-        fraction = training_holdout_fraction(model_dir)
+        fraction = training_holdout_fraction(trained)
         if fraction == 0:
             log.warning("%s was trained on every row of its store: the rows evaluated on are not held out", model_dir)
         if not fraction:
@@ -82,10 +84,8 @@ def evaluate_model(
         raise ConfigError(f"{store.url}: no held-out rows left to evaluate on")
     # Rows are read as training read them (its dtype, its NaN/Inf policy) and normalised on the CPU;
     # reconstruction_metrics moves each batch to `device`.
-    training = trained.sampler
-    batches = held_out_batches(store, normalizer, batch_size, rows=(start, stop), dtype=output_dtype(store, training),
-                               nonfinite=training.nonfinite)  # fmt: skip
-    metrics = reconstruction_metrics(model, ((b.inputs, b.targets) for b in batches), device)
+    batches = held_out_batches(store, normalizer, rows=(start, stop), sampler=trained.sampler, batch_size=batch_size)
+    metrics = reconstruction_metrics(clt, ((b.inputs, b.targets) for b in batches), device)
     density = metrics.pop("feature_density").cpu()
     dead, dense = density == 0, density > dense_threshold
     metrics.update(

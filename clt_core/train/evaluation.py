@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from clt_core.data.sampler import SamplerConfig, held_out_batches, held_out_range, make_normalizer, output_dtype
+from clt_core.data.sampler import SamplerConfig, held_out_batches, held_out_range, make_normalizer
 from clt_core.data.store import ActivationStore
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.metrics import reconstruction_metrics
@@ -19,8 +19,5 @@ def evaluate_holdout(
     """Per-layer metrics over up to `max_rows` held-out rows (every rank reads the same rows)."""
     start, stop = held_out_range(store, sampler.holdout_fraction)
     normalizer = make_normalizer(store, sampler.normalization_method)
-    batches = held_out_batches(
-        store, normalizer, sampler.batch_size, rows=(start, min(stop, start + max_rows)),
-        dtype=output_dtype(store, sampler), nonfinite=sampler.nonfinite,
-    )  # fmt: skip
+    batches = held_out_batches(store, normalizer, rows=(start, min(stop, start + max_rows)), sampler=sampler)
     return reconstruction_metrics(model, ((b.inputs, b.targets) for b in batches), device)

@@ -154,7 +154,7 @@ def test_holdout_rows_are_never_trained_on_and_read_in_order(store: ActivationSt
     with ActivationSampler(store, config) as sampler:
         seen = set(torch.cat(take(sampler, 25)).tolist())
     rows = held_out_range(store, 0.1)
-    batches = held_out_batches(store, None, 30, rows=rows, dtype=torch.float32)
+    batches = held_out_batches(store, None, rows=rows, sampler=config, batch_size=30)
     held_ids = torch.cat([b.token_ids for b in batches])
     first_held_row = held.start * CHUNK
     assert held_ids.tolist() == list(range(first_held_row, ROWS))
@@ -163,7 +163,8 @@ def test_holdout_rows_are_never_trained_on_and_read_in_order(store: ActivationSt
 
 def test_held_out_batches_read_a_row_range_across_chunks(store: ActivationStore) -> None:
     start, _ = held_out_range(store, 0.2)
-    batches = list(held_out_batches(store, None, 50, rows=(start + 5, start + 125), dtype=torch.bfloat16))
+    sampler = raw(dtype="bfloat16")
+    batches = list(held_out_batches(store, None, rows=(start + 5, start + 125), sampler=sampler, batch_size=50))
     assert [len(b.token_ids) for b in batches] == [50, 50, 20]
     assert torch.cat([b.token_ids for b in batches]).tolist() == list(range(start + 5, start + 125))
     assert {b.inputs.dtype for b in batches} == {torch.bfloat16}
