@@ -193,8 +193,7 @@ class Selector:
         else:
             rows, cols, values = select_exact(z, max(round(self.k), 1), self.shards)
             flat = rows * F + cols
-        positive = values > 0
-        return flat[positive], values[positive]
+        return _positive(flat, values)
 
     def layer_from_low(self, low: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """`layer(low.float() + bias)` for a batchtopk layer's bf16 pre-activations `low [B, F_local]` on the CPU,
@@ -211,8 +210,7 @@ class Selector:
         if found is None or len(found[0]) < count:
             return None
         _, flat, values = choose_exact(found[1][None], found[0][None], count, self.shards)
-        positive = values > 0
-        return flat[positive], values[positive]
+        return _positive(flat, values)
 
     def all_layers(self, z: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Active entries of each layer of `z [L, B, F_local]`."""
@@ -223,11 +221,16 @@ class Selector:
             rows, cols, values = select_exact(z.permute(1, 0, 2).reshape(B, L * F), max(round(self.k), 1), self.shards)
             flat, order = (((cols // F) * B + rows) * F + cols % F).sort()
             values = values[order]
-        positive = values > 0
-        flat, values = flat[positive], values[positive]
+        flat, values = _positive(flat, values)
         layer_of = flat // (B * F)
         sizes = torch.bincount(layer_of, minlength=L).tolist()
         return list(zip((flat - layer_of * (B * F)).split(sizes), values.split(sizes), strict=True))
+
+
+def _positive(flat: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selected entries whose values are positive (a selected pre-activation at or below 0 is inactive)."""
+    keep = values > 0
+    return flat[keep], values[keep]
 
 
 # -- gather kernels ----------------------------------------------------------------------------------------------------
@@ -282,22 +285,22 @@ class _Encode(torch.autograd.Function):
 
         B = x.shape[1]
 
-        def pre(layer: int, out: torch.Tensor) -> torch.Tensor:  # float32 (bf16 comparisons and sorts are slow)
+        def low_matmul(layer: int) -> torch.Tensor:  # the bf16 product, in one reused buffer
+            return torch.mm(x[layer], W[layer].t(), out=weights.workspace("preactivations_low", (B, Fl), x.dtype))
+
+        def pre(layer: int, out: torch.Tensor, low: torch.Tensor | None = None) -> torch.Tensor:
+            """float32 pre-activations (bf16 comparisons and sorts are slow), from `low` when already computed."""
             if x.dtype == torch.float32:
                 return torch.addmm(b[layer], x[layer], W[layer].t(), out=out)
-            low = torch.mm(x[layer], W[layer].t(), out=weights.workspace("preactivations_low", (B, Fl), x.dtype))
-            return out.copy_(low).add_(b[layer])
+            return out.copy_(low_matmul(layer) if low is None else low).add_(b[layer])
 
         if select.per_layer:  # one layer's pre-activations at a time, in one reused buffer
             picked = []
             z_buffer = weights.workspace("preactivations", (B, Fl), torch.float32)
             for layer in range(L):
-                if x.dtype == torch.float32:
-                    picked.append(select.layer(pre(layer, z_buffer)))
-                    continue
-                low = torch.mm(x[layer], W[layer].t(), out=weights.workspace("preactivations_low", (B, Fl), x.dtype))
-                found = select.layer_from_low(low, b[layer].detach())
-                picked.append(found if found is not None else select.layer(z_buffer.copy_(low).add_(b[layer])))
+                low = None if x.dtype == torch.float32 else low_matmul(layer)
+                found = None if low is None else select.layer_from_low(low, b[layer].detach())
+                picked.append(found if found is not None else select.layer(pre(layer, z_buffer, low)))
         else:
             z = torch.empty(L, B, Fl, dtype=torch.float32, device=x.device)
             for layer in range(L):
