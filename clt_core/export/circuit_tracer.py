@@ -226,7 +226,7 @@ def load_circuit_tracer(export_dir: str | Path) -> tuple[CrossLayerTranscoder, d
                     found = "missing" if value is None else f"shape {tuple(value.shape)}"
                     raise ConfigError(f"{path}: layer {i} {name} is {found}, config.json needs {tuple(target.shape)}")
                 target.copy_(value)
-    source = json.loads((path / SOURCE_FILE).read_text()) if (path / SOURCE_FILE).exists() else {}
+    source = read_source(path)
     return model, source
 
 
