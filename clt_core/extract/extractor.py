@@ -156,6 +156,17 @@ def extract(
     sharded = shard.count > 1
     if sharded and overwrite:
         raise ConfigError("--overwrite with --shard would delete the other shards' rows; delete the store first")
+    # the lease first, so that a second run into a store being written is refused before it loads a model
+    what = f"extract {shard.index}/{shard.count}" if sharded else "extract"
+    with StoreLease(url, f"extract-{shard.name}" if sharded else "extract", what=what) as lease:
+        return _extract_leased(url, config, shard, overwrite, progress, lease, start_time)
+
+
+def _extract_leased(
+    url: str, config: ExtractConfig, shard: Shard, overwrite: bool, progress: bool, lease: StoreLease, start_time: float
+) -> ExtractSummary:
+    """`extract`, once it holds the store's lease: load the model, check the corpus, write the rows."""
+    sharded = shard.count > 1
     device = resolve_device(config.device)
     dtype = COMPUTE_DTYPES[config.compute_dtype]
     loaded = resolve_model(config.model, dtype=dtype, device=device, progress=progress)
@@ -176,10 +187,8 @@ def extract(
             f"--tokens {config.tokens:,} is more than the corpus {text.source!r} holds at context size "
             f"{config.context_size}: {available.rows:,} rows; lower --tokens or add text"
         )
-    what = f"extract {shard.index}/{shard.count}" if sharded else "extract"
-    with StoreLease(url, f"extract-{shard.name}" if sharded else "extract", what=what) as lease:
-        store = _open_or_create(url, config, loaded, provenance, overwrite, sharded)
-        return _extract_rows(store, config, loaded, text, points, shard, lease, start_time, device, progress)
+    store = _open_or_create(url, config, loaded, provenance, overwrite, sharded)
+    return _extract_rows(store, config, loaded, text, points, shard, lease, start_time, device, progress)
 
 
 def _extract_rows(
