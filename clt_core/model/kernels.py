@@ -66,6 +66,7 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.clt_decode.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.clt_decoder_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    lib.clt_error.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.clt_entries_above.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
     lib.clt_entries_above.restype = i64
     return lib
@@ -115,6 +116,16 @@ def decoder_backward(
     dots = torch.empty(len(tokens), dtype=torch.float32)
     _call("clt_decoder_backward", G, G.shape[1] * d, W, dW, F * d, T, ptr, tokens, values, dots, F, d)
     return dots
+
+
+def error(out: torch.Tensor, targets: torch.Tensor, b_dec: torch.Tensor) -> None:
+    """`out [L, B, d] += b_dec[:, None] - targets.transpose(0, 1)`: the reconstruction becomes the error in place,
+    from `targets [B, L, d]` bf16 as batches come (no float32 or layer-major copy of them); `b_dec [L, d]` float32."""
+    L, B, d = out.shape
+    _check((out, torch.float32), (targets, torch.bfloat16), (b_dec, torch.float32))
+    if targets.shape != (B, L, d) or b_dec.shape != (L, d):
+        raise ValueError(f"error: out {tuple(out.shape)}, targets {tuple(targets.shape)}, b_dec {tuple(b_dec.shape)}")
+    _call("clt_error", out, targets, b_dec, L, B, d)
 
 
 def entries_above(

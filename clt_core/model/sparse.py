@@ -371,11 +371,18 @@ class _DecodeLoss(torch.autograd.Function):
         _decode_into(out, values, acts, weights)
         if shards.world_size > 1:
             shards.all_reduce(out)
-        out += b_dec.detach()[:, None]
-        # the targets made layer-major in the (as yet unused) buffer of the backward pass: a float32 temporary of this
-        # size would be a fresh allocation each step, and those stall on page faults and compaction
-        layer_major = weights.workspace("grad_low", (L, B, d), weights.dtype)
-        out -= layer_major.copy_(targets.transpose(0, 1)) if targets.dtype == weights.dtype else targets.transpose(0, 1)
+        if kernels.available(weights.W_dec[0]) and targets.dtype == torch.bfloat16 and targets.is_contiguous():
+            kernels.error(out, targets, b_dec.detach().float().contiguous())
+        else:
+            out += b_dec.detach()[:, None]
+            # the targets made layer-major in the (as yet unused) buffer of the backward pass: a float32 temporary of
+            # this size would be a fresh allocation each step, and those stall on page faults and compaction
+            layer_major = weights.workspace("grad_low", (L, B, d), weights.dtype)
+            out -= (
+                layer_major.copy_(targets.transpose(0, 1))
+                if targets.dtype == weights.dtype
+                else targets.transpose(0, 1)
+            )
         per_layer = torch.linalg.vector_norm(out, dim=(1, 2)).square() / (B * d)
         ctx.save_for_backward(values, acts.tokens, acts.features)
         ctx.ptr, ctx.weights, ctx.error = acts.ptr, weights, out

@@ -84,3 +84,13 @@ def test_batchtopk_selection_from_the_bf16_matmul_equals_the_float32_one() -> No
     assert found is not None
     expected = select.layer(low.float() + bias)
     assert torch.equal(found[0], expected[0]) and torch.equal(found[1], expected[1])
+
+
+def test_error_equals_the_reconstruction_plus_bias_minus_the_targets() -> None:
+    L, B, d = 3, 50, 40  # 40: the vector path and its scalar tail
+    recon, targets, b_dec = torch.randn(L, B, d), torch.randn(B, L, d).bfloat16(), torch.randn(L, d)
+    out = recon.clone()
+    kernels.error(out, targets, b_dec)
+    torch.testing.assert_close(out, recon + b_dec[:, None] - targets.float().transpose(0, 1), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="error"):
+        kernels.error(out, targets[:, :2].contiguous(), b_dec)
