@@ -34,7 +34,7 @@ from clt_core.train.config import TrainConfig
 from clt_core.train.distributed import close_feature_shards, init_feature_shards
 from clt_core.train.evaluation import evaluate_holdout
 from clt_core.train.launch import threads_set_by_user
-from clt_core.train.memory import check_fits, estimate_memory, small_step
+from clt_core.train.memory import check_fits, estimate_memory, reuse_freed_memory, small_step
 from clt_core.train.schedules import lr_factor
 from clt_core.train.step import TrainStep, uses_sparse_path
 
@@ -108,6 +108,7 @@ def train(
     if config.data is None:
         raise ConfigError("no training data: pass --data URL (or set `data:` in the config)")
     device = resolve_device(config.device)
+    reuse_freed_memory()
     shards = init_feature_shards(device)
     try:
         return _train(config, shards, device, resume, progress, progress_every)
