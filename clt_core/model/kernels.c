@@ -8,7 +8,9 @@
  * PyTorch path reads it twice, in a sampled product and an embedding bag). Accumulation is float32; the threads split
  * the tokens (decode) or features (backward) by their entries, and each walks the targets in order and, within one,
  * bands of columns, so one band of W (decode) or of G (backward) at a time is in cache.
- * error:    out[t][b] += b_dec[t] - y[b][t]                           the reconstruction made the error, in place */
+ * error:    out[t][b] += b_dec[t] - y[b][t]                           the reconstruction made the error, in place
+ * adam:     one Adam(W) update of a float32 parameter from its bf16 gradient, writing the bf16 compute copy */
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -252,6 +254,65 @@ void clt_error(float *out, const bf16 *y, const float *b_dec, int64_t L, int64_t
         }
 #endif
         for (; i < d; i++) o[i] += bias[i] - to_f32(yr[i]);
+    }
+}
+
+/* -- optimiser ----------------------------------------------------------------------------------------------------- */
+
+/* Adam(W) on the float32 parameter `p` and moments `m`, `v` (`rows` rows of `d`) from the bf16 gradient `g` of its
+ * compute copy `copy`, which is rewritten from the updated parameter: one pass instead of converting the gradient
+ * to a float32 scratch tensor, updating, and converting the parameter back (three passes, two of them transposing).
+ * With `swapped`, p is [A, R/A, d] and g, copy are [R/A, A, d] (the decoders' [F, T, d] against [T, F, d]). The
+ * arithmetic is PyTorch's fused Adam's, in float32 from the same double-precision constants. */
+void clt_adam(float *p, float *m, float *v, const bf16 *g, bf16 *copy, int64_t rows, int64_t d, int64_t A,
+              int swapped, float grad_scale, double lr, double weight_decay, int decoupled, double beta1, double beta2,
+              double eps, double step, int threads) {
+    const double bc1 = 1 - pow(beta1, step), bc2 = 1 - pow(beta2, step);
+    const float step_size = (float)(lr / bc1), bc2_sqrt = (float)sqrt(bc2), c1 = (float)(1 - beta1);
+    const float c2 = (float)(1 - beta2), b2 = (float)beta2, epsilon = (float)eps, wd = (float)weight_decay;
+    const float shrink = (float)(1 - lr * weight_decay);
+    const int lerp_small = c1 < 0.5f;
+    const int64_t per = rows / A;
+    if (threads < 1 || rows * d < (1 << 16)) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t q = swapped ? (r % per) * A + r / per : r; /* the row of g and copy */
+        float *pr = p + r * d, *mr = m + r * d, *vr = v + r * d;
+        const bf16 *gr = g + q * d;
+        bf16 *cr = copy + q * d;
+        int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+        const __m512 vscale = _mm512_set1_ps(grad_scale), vshrink = _mm512_set1_ps(shrink), vwd = _mm512_set1_ps(wd);
+        const __m512 vc1 = _mm512_set1_ps(c1), vkeep = _mm512_set1_ps(1.0f - c1), vb2 = _mm512_set1_ps(b2);
+        const __m512 vc2 = _mm512_set1_ps(c2), vstep = _mm512_set1_ps(step_size), vbc2 = _mm512_set1_ps(bc2_sqrt);
+        const __m512 veps = _mm512_set1_ps(epsilon);
+        for (; i + 16 <= d; i += 16) {
+            __m512 grad = _mm512_mul_ps(widen(gr + i), vscale), param = _mm512_loadu_ps(pr + i);
+            if (wd != 0.0f) {
+                if (decoupled) param = _mm512_mul_ps(param, vshrink);
+                else grad = _mm512_fmadd_ps(param, vwd, grad);
+            }
+            const __m512 m0 = _mm512_loadu_ps(mr + i);
+            const __m512 mi = lerp_small ? _mm512_fmadd_ps(vc1, _mm512_sub_ps(grad, m0), m0)
+                                         : _mm512_fnmadd_ps(_mm512_sub_ps(grad, m0), vkeep, grad);
+            const __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(vc2, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(vr + i), vb2));
+            const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2), veps);
+            param = _mm512_sub_ps(param, _mm512_div_ps(_mm512_mul_ps(vstep, mi), denom));
+            _mm512_storeu_ps(mr + i, mi), _mm512_storeu_ps(vr + i, vi), _mm512_storeu_ps(pr + i, param);
+            _mm256_storeu_si256((__m256i *)(cr + i), (__m256i)_mm512_cvtneps_pbh(param));
+        }
+#endif
+        for (; i < d; i++) {
+            float grad = to_f32(gr[i]) * grad_scale, param = pr[i];
+            if (wd != 0.0f) {
+                if (decoupled) param *= shrink;
+                else grad += param * wd;
+            }
+            const float mi = lerp_small ? mr[i] + c1 * (grad - mr[i]) : grad - (grad - mr[i]) * (1.0f - c1);
+            const float vi = vr[i] * b2 + c2 * grad * grad;
+            param -= step_size * mi / (sqrtf(vi) / bc2_sqrt + epsilon);
+            mr[i] = mi, vr[i] = vi, pr[i] = param, cr[i] = to_bf16(param);
+        }
     }
 }
 

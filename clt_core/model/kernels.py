@@ -43,7 +43,8 @@ def _build() -> Path | None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: ranks may race
         built = Path(tmp) / target.name
-        result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
+        result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             log.warning("the CPU kernels did not compile (%s); using PyTorch's", result.stderr.strip()[:200])
             return None
@@ -66,6 +67,8 @@ def _library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.clt_decode.argtypes = [ptr, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     lib.clt_decoder_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
+    f32, f64, i32 = ctypes.c_float, ctypes.c_double, ctypes.c_int
+    lib.clt_adam.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f64, f64, i32, f64, f64, f64, f64, i32]
     lib.clt_error.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.clt_entries_above.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
     lib.clt_entries_above.restype = i64
@@ -126,6 +129,35 @@ def error(out: torch.Tensor, targets: torch.Tensor, b_dec: torch.Tensor) -> None
     if targets.shape != (B, L, d) or b_dec.shape != (L, d):
         raise ValueError(f"error: out {tuple(out.shape)}, targets {tuple(targets.shape)}, b_dec {tuple(b_dec.shape)}")
     _call("clt_error", out, targets, b_dec, L, B, d)
+
+
+def adam(
+    param: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    grad: torch.Tensor,
+    copy: torch.Tensor,
+    *,
+    swapped: bool,
+    grad_scale: float,
+    lr: float,
+    weight_decay: float,
+    decoupled: bool,
+    betas: tuple[float, float],
+    eps: float,
+    step: float,
+) -> None:
+    """One Adam(W) update of `param` and its moments (float32) from `grad`, the bf16 gradient of its compute copy
+    `copy`, which is rewritten from the updated parameter; `swapped`: `copy` is `param` with its first two dims
+    swapped. `step` counts this update (1 for the first)."""
+    _check((param, torch.float32), (exp_avg, torch.float32), (exp_avg_sq, torch.float32), (grad, torch.bfloat16),
+           (copy, torch.bfloat16))  # fmt: skip
+    expected = (param.shape[1], param.shape[0], *param.shape[2:]) if swapped else param.shape
+    if not exp_avg.shape == exp_avg_sq.shape == param.shape or not grad.shape == copy.shape == expected:
+        raise ValueError(f"adam: param {tuple(param.shape)}, grad {tuple(grad.shape)}, copy {tuple(copy.shape)}")
+    d = param.shape[-1]
+    _call("clt_adam", param, exp_avg, exp_avg_sq, grad, copy, param.numel() // d, d, param.shape[0], int(swapped),
+          grad_scale, lr, weight_decay, int(decoupled), betas[0], betas[1], eps, step)  # fmt: skip
 
 
 def entries_above(

@@ -4,7 +4,8 @@ The sparse forward pass (model/sparse.py) runs on `ComputeWeights`, a copy of th
 dtype; backward leaves their gradients on that copy, in its dtype and layout. `MixedAdam` converts each one to a
 float32 gradient of its parameter's layout, one tensor at a time (so no second full set of float32 gradients is ever
 held), applies PyTorch's fused Adam kernel to the parameter and its float32 moments, and copies the updated
-parameter back into the compute copy. The state is PyTorch's own (`step`, `exp_avg`, `exp_avg_sq` per parameter),
+parameter back into the compute copy; for bf16 copies on the CPU one compiled pass (model/kernels.c) does all three,
+with the same arithmetic. The state is PyTorch's own (`step`, `exp_avg`, `exp_avg_sq` per parameter),
 so checkpoints do not change; with float32 gradients on the parameters the updates equal `torch.optim.AdamW(fused=True)`
 bit for bit.
 """
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch.optim.adam import adam
 
+from clt_core.model import kernels
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.sparse import ComputeWeights
 
@@ -95,6 +97,15 @@ class MixedAdam:
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 elif state["step"].device != p.device:  # loaded from a checkpoint on the CPU
                     state["step"] = state["step"].to(p.device)
+                target = self.weights.tensors()[copy[0]] if copy is not None and self.weights is not None else None
+                if target is not None and copy is not None and kernels.available(target) and grad.is_contiguous():
+                    state["step"] += 1  # as PyTorch's Adam counts, before the update
+                    kernels.adam(
+                        p, state["exp_avg"], state["exp_avg_sq"], grad, target, swapped=copy[1], grad_scale=grad_scale,
+                        lr=group["lr"], weight_decay=group["weight_decay"], decoupled=self.decoupled,
+                        betas=(beta1, beta2), eps=group["eps"], step=float(state["step"]),
+                    )  # fmt: skip
+                    continue
                 adam(
                     [p],
                     [self._float_grad(p, grad, grad_scale)],

@@ -94,3 +94,31 @@ def test_error_equals_the_reconstruction_plus_bias_minus_the_targets() -> None:
     torch.testing.assert_close(out, recon + b_dec[:, None] - targets.float().transpose(0, 1), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="error"):
         kernels.error(out, targets[:, :2].contiguous(), b_dec)
+
+
+@pytest.mark.parametrize(
+    ("decoupled", "weight_decay", "swapped"), [(True, 0.01, True), (False, 0.01, False), (True, 0.0, True)]
+)
+def test_adam_equals_pytorchs_fused_adam_and_rewrites_the_compute_copy(
+    decoupled: bool, weight_decay: float, swapped: bool
+) -> None:
+    """Three updates from bf16 gradients of a swapped compute copy: the parameter and moments of
+    `torch.optim.Adam(W)(fused=True)` fed the same gradients in float32, and the copy is the parameter in bf16."""
+    A, P, d = 6, 5, 40
+    param = torch.randn(A, P, d)
+    reference = param.clone().requires_grad_(True)
+    options = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": weight_decay, "fused": True}
+    optimizer = (torch.optim.AdamW if decoupled else torch.optim.Adam)([reference], **options)  # type: ignore[arg-type]
+    m, v = torch.zeros_like(param), torch.zeros_like(param)
+    copy = (param.transpose(0, 1) if swapped else param).bfloat16().contiguous()
+    for step in range(1, 4):
+        grad = torch.randn(copy.shape).bfloat16()
+        kernels.adam(param, m, v, grad, copy, swapped=swapped, grad_scale=0.5, lr=1e-2, weight_decay=weight_decay,
+                     decoupled=decoupled, betas=(0.9, 0.999), eps=1e-8, step=float(step))  # fmt: skip
+        reference.grad = 0.5 * (grad.float().transpose(0, 1) if swapped else grad.float()).contiguous()
+        optimizer.step()
+    state = optimizer.state[reference]
+    torch.testing.assert_close(param, reference.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+    assert torch.equal(copy, (param.transpose(0, 1) if swapped else param).bfloat16())
