@@ -38,7 +38,7 @@ from clt_core.data.sampler import SamplerConfig  # noqa: E402
 from clt_core.model.clt import CrossLayerTranscoder  # noqa: E402
 from clt_core.model.config import CLTConfig  # noqa: E402
 from clt_core.train.config import TrainConfig  # noqa: E402
-from clt_core.train.memory import estimate_memory  # noqa: E402
+from clt_core.train.memory import estimate_memory, reuse_freed_memory  # noqa: E402
 from clt_core.train.step import TrainStep, uses_sparse_path  # noqa: E402
 
 SHAPES = {
@@ -89,6 +89,7 @@ def model_and_step(shape: str, precision: str, dense: bool) -> tuple[CrossLayerT
 
 
 def run(shape: str, precision: str, dense: bool, profile: bool) -> dict[str, float]:
+    reuse_freed_memory()  # the allocator policy `clt train` runs under
     s = SHAPES[shape]
     L, d, F, B = s["L"], s["d"], s["F"], s["B"]
     _model, step = model_and_step(shape, precision, dense)

@@ -234,6 +234,32 @@ void clt_decoder_backward(const bf16 *G, int64_t G_target_stride, const bf16 *W,
     parallel_over(backward_part, &a, ptr, features, threads);
 }
 
+/* -- feature-major order ------------------------------------------------------------------------------------------ */
+
+/* For each layer l (entries [ptr[l], ptr[l+1]) of `feat`, token-major): `bounds[l] [F+1]` the CSR pointers of its
+ * entries by feature, `order` the entries' positions within the layer in feature-major order (stable: tokens
+ * ascending within a feature) and `tok_by_feat` their tokens in that order. A counting sort: linear, where PyTorch's
+ * stable argsort sorts. */
+void clt_feature_major(const int64_t *feat, const int64_t *tok, const int64_t *ptr, int64_t L, int64_t F,
+                       int64_t *order, int64_t *tok_by_feat, int64_t *bounds, int threads) {
+    if (threads < 1) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+    for (int64_t l = 0; l < L; l++) {
+        const int64_t lo = ptr[l], n = ptr[l + 1] - lo;
+        int64_t *b = bounds + l * (F + 1);
+        memset(b, 0, (size_t)(F + 1) * sizeof(int64_t));
+        for (int64_t j = 0; j < n; j++) b[feat[lo + j] + 1]++;
+        for (int64_t f = 0; f < F; f++) b[f + 1] += b[f];
+        int64_t *next = malloc((size_t)F * sizeof(int64_t));
+        memcpy(next, b, (size_t)F * sizeof(int64_t));
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t at = lo + next[feat[lo + j]]++;
+            order[at] = j, tok_by_feat[at] = tok[lo + j];
+        }
+        free(next);
+    }
+}
+
 /* -- error --------------------------------------------------------------------------------------------------------- */
 
 /* `out [L, B, d]` float32 (layer-major) += b_dec [L, d] - y [B, L, d] (bf16, batch-major, as batches come): PyTorch's

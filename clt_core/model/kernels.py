@@ -69,6 +69,7 @@ def _library() -> ctypes.CDLL | None:
     lib.clt_decoder_backward.argtypes = [ptr, i64, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i64, i64, ctypes.c_int]
     f32, f64, i32 = ctypes.c_float, ctypes.c_double, ctypes.c_int
     lib.clt_adam.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f64, f64, i32, f64, f64, f64, f64, i32]
+    lib.clt_feature_major.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i32]
     lib.clt_error.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.clt_entries_above.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
     lib.clt_entries_above.restype = i64
@@ -78,6 +79,11 @@ def _library() -> ctypes.CDLL | None:
 def available(weights: torch.Tensor) -> bool:
     """Whether the kernels apply to decoder weights like `weights` (bf16 on the CPU) and could be built."""
     return weights.device.type == "cpu" and weights.dtype == torch.bfloat16 and _library() is not None
+
+
+def compiled_for(tensor: torch.Tensor) -> bool:
+    """Whether the kernels on integer operands (`feature_major`) apply to a tensor like `tensor`."""
+    return tensor.device.type == "cpu" and _library() is not None
 
 
 def _check(*tensors: tuple[torch.Tensor, torch.dtype]) -> None:
@@ -119,6 +125,20 @@ def decoder_backward(
     dots = torch.empty(len(tokens), dtype=torch.float32)
     _call("clt_decoder_backward", G, G.shape[1] * d, W, dW, F * d, T, ptr, tokens, values, dots, F, d)
     return dots
+
+
+def feature_major(
+    features: torch.Tensor, tokens: torch.Tensor, ptr: torch.Tensor, num_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The entries of each layer (`[ptr[l], ptr[l+1])`, token-major) in feature-major order: (`order [nnz]`, each
+    entry's position within its layer, stable; the tokens in that order; `bounds [L, F+1]`, CSR pointers by feature
+    per layer)."""
+    _check((features, torch.int64), (tokens, torch.int64), (ptr, torch.int64))
+    L = len(ptr) - 1
+    order, by_feature = torch.empty_like(features), torch.empty_like(tokens)
+    bounds = torch.empty(L, num_features + 1, dtype=torch.int64)
+    _call("clt_feature_major", features, tokens, ptr, L, num_features, order, by_feature, bounds)
+    return order, by_feature, bounds
 
 
 def error(out: torch.Tensor, targets: torch.Tensor, b_dec: torch.Tensor) -> None:

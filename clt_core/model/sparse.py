@@ -16,6 +16,7 @@ float32 parameters. Accumulation is float32 in every kernel.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -32,6 +33,31 @@ if TYPE_CHECKING:  # clt.py imports this module
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
 
 
+class ByFeature(NamedTuple):
+    """The active entries of each layer in feature-major order, as the decoder's and encoder's backward read them."""
+
+    order: torch.Tensor
+    """Position within its layer of each entry, layer by layer in feature-major order (stable) `[nnz]`."""
+    tokens: torch.Tensor
+    """The tokens of the entries in that order `[nnz]`."""
+    bounds: torch.Tensor
+    """Per layer, the CSR pointers of its entries by feature `[L, F_local + 1]`."""
+
+
+def by_feature(features: torch.Tensor, tokens: torch.Tensor, ptr: tuple[int, ...], num_features: int) -> ByFeature:
+    """The feature-major order of token-major entries (see ByFeature)."""
+    if kernels.compiled_for(features):
+        return ByFeature(*kernels.feature_major(features, tokens, torch.tensor(ptr), num_features))
+    orders, tokens_by_f, bounds = [], [], []
+    for lo, hi in itertools.pairwise(ptr):
+        f = features[lo:hi]
+        order = torch.argsort(f, stable=True)
+        orders.append(order)
+        tokens_by_f.append(tokens[lo:hi][order])
+        bounds.append(group_bounds(f[order], num_features))
+    return ByFeature(torch.cat(orders), torch.cat(tokens_by_f), torch.stack(bounds))
+
+
 class SparseActs(NamedTuple):
     """Active entries of every layer, token-major within each layer: entries `[ptr[l], ptr[l+1])` are layer l's."""
 
@@ -43,6 +69,7 @@ class SparseActs(NamedTuple):
     """Local feature index of each entry `[nnz]`."""
     ptr: tuple[int, ...]
     """Entry boundaries of the layers, `L + 1` values."""
+    by_feature: ByFeature
 
     def layer(self, layer: int) -> slice:
         return slice(self.ptr[layer], self.ptr[layer + 1])
@@ -230,7 +257,7 @@ class Selector:
 def _positive(flat: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The selected entries whose values are positive (a selected pre-activation at or below 0 is inactive)."""
     keep = values > 0
-    return flat[keep], values[keep]
+    return (flat, values) if bool(keep.all()) else (flat[keep], values[keep])
 
 
 # -- gather kernels ----------------------------------------------------------------------------------------------------
@@ -309,17 +336,24 @@ class _Encode(torch.autograd.Function):
         flat = [f for f, _ in picked]
         values = [v for _, v in picked]
         flat_all = torch.cat(flat)
-        tokens, features = flat_all // Fl, flat_all % Fl
+        if Fl & (Fl - 1) == 0:  # a power of two: shift and mask (integer division is not vectorised)
+            tokens, features = flat_all >> (Fl.bit_length() - 1), flat_all & (Fl - 1)
+        else:
+            tokens, features = flat_all // Fl, flat_all % Fl
+        ptr = [0]
+        for f in flat:
+            ptr.append(ptr[-1] + len(f))
+        order, tokens_by_f, bounds = by_feature(features, tokens, tuple(ptr), Fl)
         sizes = torch.tensor([len(i) for i in flat])
-        ctx.save_for_backward(x, tokens, features, sizes)
-        ctx.mark_non_differentiable(tokens, features, sizes)
+        ctx.save_for_backward(x, order, tokens_by_f, bounds, features, sizes)
+        ctx.mark_non_differentiable(tokens, features, sizes, order, tokens_by_f, bounds)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs
         ctx.weights = weights
-        return torch.cat(values), tokens, features, sizes
+        return torch.cat(values), tokens, features, sizes, order, tokens_by_f, bounds
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
-        x, tokens, features, sizes = ctx.saved_tensors
+        x, order, tokens_by_f, bounds, features, sizes = ctx.saved_tensors
         L, Fl, _ = ctx.weights.W_enc.shape
         dW = ctx.weights.grad_buffer(0)
         db = torch.zeros(L, Fl, dtype=torch.float32, device=x.device)
@@ -327,10 +361,9 @@ class _Encode(torch.autograd.Function):
         for layer, size in enumerate(sizes.tolist()):
             part = slice(start, start + size)
             start += size
-            f, g = features[part], grad[part]
-            db[layer].index_add_(0, f, g.float())
-            order = torch.argsort(f, stable=True)
-            dW[layer] = gather_sum(x[layer], tokens[part][order], bag_offsets(f[order], Fl), g[order])
+            g = grad[part]
+            db[layer].index_add_(0, features[part], g.float())
+            dW[layer] = gather_sum(x[layer], tokens_by_f[part], bounds[layer, :-1], g[order[part]])
         return None, db, None, None
 
 
@@ -384,13 +417,13 @@ class _DecodeLoss(torch.autograd.Function):
                 else targets.transpose(0, 1)
             )
         per_layer = torch.linalg.vector_norm(out, dim=(1, 2)).square() / (B * d)
-        ctx.save_for_backward(values, acts.tokens, acts.features)
+        ctx.save_for_backward(values, acts.tokens, acts.features, *acts.by_feature)
         ctx.ptr, ctx.weights, ctx.error = acts.ptr, weights, out
         return per_layer
 
     @staticmethod
     def backward(ctx: Any, grad_per_layer: torch.Tensor) -> tuple[Any, ...]:
-        values, tokens, features = ctx.saved_tensors
+        values, tokens, features, order_all, tokens_by_f, bounds = ctx.saved_tensors
         weights, grad = ctx.weights, ctx.error
         W_dec = weights.W_dec
         L, B, d = grad.shape
@@ -404,14 +437,14 @@ class _DecodeLoss(torch.autograd.Function):
         for s in range(L):
             part = slice(ctx.ptr[s], ctx.ptr[s + 1])
             f, tok, v = features[part], tokens[part], values[part]
-            order = torch.argsort(f, stable=True)
-            tok_by_f, v_by_f = tok[order], v[order]
+            order, tok_by_f = order_all[part], tokens_by_f[part]
+            v_by_f = v[order]
             dW = weights.grad_buffer(1 + s)
             if compiled:  # the activations' gradients from the bf16 loss gradient here
-                by_f = kernels.decoder_backward(g_low[s:], W_dec[s], dW, group_bounds(f[order], Fl), tok_by_f, v_by_f)
+                by_f = kernels.decoder_backward(g_low[s:], W_dec[s], dW, bounds[s], tok_by_f, v_by_f)
                 grad_values[part] = torch.empty_like(by_f).index_copy_(0, order, by_f)
                 continue
-            f_offsets = bag_offsets(f[order], Fl)
+            f_offsets = bounds[s, :-1]
             acc = torch.zeros(len(f), dtype=torch.float32, device=values.device)
             dots = SampledDots(tok, f, B, Fl)
             for t in range(s, L):
@@ -426,11 +459,11 @@ def encode(x: torch.Tensor, weights: ComputeWeights, b_enc: torch.Tensor, select
     B, L, d = x.shape  # layer-major rows: bf16 matmuls on strided rows leave oneDNN's fast path
     xl = weights.workspace("inputs", (L, B, d), weights.dtype) if torch.is_grad_enabled() else None
     xl = xl.copy_(x.transpose(0, 1)) if xl is not None else x.transpose(0, 1).to(weights.dtype).contiguous()
-    values, tokens, features, sizes = _Encode.apply(xl, b_enc, weights, select)
+    values, tokens, features, sizes, order, tokens_by_f, bounds = _Encode.apply(xl, b_enc, weights, select)
     ptr = [0]
     for n in sizes.tolist():
         ptr.append(ptr[-1] + n)
-    return SparseActs(values, tokens, features, tuple(ptr))
+    return SparseActs(values, tokens, features, tuple(ptr), ByFeature(order, tokens_by_f, bounds))
 
 
 @torch.no_grad()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -122,3 +124,16 @@ def test_adam_equals_pytorchs_fused_adam_and_rewrites_the_compute_copy(
     torch.testing.assert_close(m, state["exp_avg"], rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(v, state["exp_avg_sq"], rtol=1e-6, atol=1e-12)
     assert torch.equal(copy, (param.transpose(0, 1) if swapped else param).bfloat16())
+
+
+def test_feature_major_order_is_the_stable_argsort_of_each_layer() -> None:
+    gen = torch.Generator().manual_seed(0)
+    ptr, F = [0, 500, 500, 1700], 64  # an empty layer between two others
+    features, tokens = torch.randint(0, F, (1700,), generator=gen), torch.randint(0, 300, (1700,), generator=gen)
+    order, tokens_by_f, bounds = kernels.feature_major(features, tokens, torch.tensor(ptr), F)
+    for layer, (lo, hi) in enumerate(itertools.pairwise(ptr)):
+        expected = torch.argsort(features[lo:hi], stable=True)
+        assert torch.equal(order[lo:hi], expected)
+        assert torch.equal(tokens_by_f[lo:hi], tokens[lo:hi][expected])
+        counts = torch.bincount(features[lo:hi], minlength=F)
+        assert torch.equal(bounds[layer], torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
