@@ -211,6 +211,7 @@ class Selector:
 
     def __init__(self, k: float, per_batch: bool, scope: str, shards: FeatureShards) -> None:
         self.k, self.per_batch, self.per_layer, self.shards = k, per_batch, scope == "per_layer", shards
+        self._sample: tuple[tuple[int, int, int, torch.device], torch.Tensor, torch.Tensor] | None = None
 
     def layer(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Active entries of one layer's `z [B, F_local]`."""
@@ -231,13 +232,21 @@ class Selector:
         if not (self.per_batch and is_long_row(B * F, count) and kernels.available(low)):
             return None
         stride = sample_stride(B * F)
-        at = torch.arange(0, B * F, stride, device=low.device)
-        floor = floor_of_sample(low.reshape(-1)[at].float() + bias[at % F], stride, count)
+        at, feature = self._sample_positions(B, F, stride, low.device)
+        floor = floor_of_sample(low.reshape(-1)[at].float() + bias[feature], stride, count)
         found = kernels.entries_above(low, bias, floor, capacity=2 * count + 4096)
         if found is None or len(found[0]) < count:
             return None
         _, flat, values = choose_exact(found[1][None], found[0][None], count, self.shards)
         return _positive(flat, values)
+
+    def _sample_positions(self, B: int, F: int, stride: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat positions of `layer_from_low`'s sample and their features (the same every layer and step)."""
+        key = (B, F, stride, device)
+        if self._sample is None or self._sample[0] != key:
+            at = torch.arange(0, B * F, stride, device=device)
+            self._sample = (key, at, at % F)
+        return self._sample[1], self._sample[2]
 
     def all_layers(self, z: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Active entries of each layer of `z [L, B, F_local]`."""
