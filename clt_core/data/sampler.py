@@ -35,6 +35,7 @@ from clt_core.data.layout import ActivationRows
 from clt_core.data.norm_stats import NormStats, finite_rows
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError, StoreError
+from clt_core.model import kernels
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_VERSION = 1
@@ -298,14 +299,32 @@ class ActivationSampler:
 
     def _fill(self, window: ActivationRows, keep: torch.Tensor, positions: torch.Tensor, lo: int, hi: int) -> None:
         raw = self.store.read(lo, hi)
-        bad = _rows_to_skip(self.store, raw, lo, self.config.nonfinite)
+        if raw.inputs.dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(raw.inputs):
+            bad = self._fill_compiled(window, raw, positions, lo)
+        else:
+            bad = _rows_to_skip(self.store, raw, lo, self.config.nonfinite)
+            chunk = _prepare(raw, self.normalizer, self.dtype)
+            for out, part in zip(window, chunk, strict=True):
+                out.index_copy_(0, positions, part)
         if bad.any():
             keep[positions[bad]] = False
             with self._skipped_lock:
                 self._skipped[lo // self.store.rows_per_chunk] = int(bad.sum())
-        chunk = _prepare(raw, self.normalizer, self.dtype)
-        for out, part in zip(window, chunk, strict=True):
-            out.index_copy_(0, positions, part)
+
+    def _fill_compiled(
+        self, window: ActivationRows, raw: ActivationRows, positions: torch.Tensor, lo: int
+    ) -> torch.Tensor:
+        """`_fill`'s normalisation, conversion, NaN/Inf check and scatter of bf16 rows in one compiled pass each for
+        inputs and targets (the same values as `_prepare`'s); -> the rows to skip."""
+        norm = self.normalizer
+        bad = torch.zeros(len(raw.token_ids), dtype=torch.bool)
+        affine = (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
+        kernels.prepare_rows(raw.inputs, affine[0], affine[1], window.inputs, positions, bad)
+        kernels.prepare_rows(raw.targets, affine[2], affine[3], window.targets, positions, bad)
+        window.token_ids.index_copy_(0, positions, raw.token_ids)
+        if self.config.nonfinite == "error" and bad.any():
+            raise nonfinite_error(self.store, (bad.nonzero().flatten() + lo).tolist(), lo, lo + len(bad))
+        return bad
 
     def _produce(self, epoch: int, number: int, start: int) -> None:
         """Background loop: windows in stream order (the first one starting at stream position `start`), at most

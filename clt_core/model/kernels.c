@@ -9,7 +9,8 @@
  * the tokens (decode) or features (backward) by their entries, and each walks the targets in order and, within one,
  * bands of columns, so one band of W (decode) or of G (backward) at a time is in cache.
  * error:    out[t][b] += b_dec[t] - y[b][t]                           the reconstruction made the error, in place
- * adam:     one Adam(W) update of a float32 parameter from its bf16 gradient, writing the bf16 compute copy */
+ * adam:     one Adam(W) update of a float32 parameter from its bf16 gradient, writing the bf16 compute copy
+ * rows:     the sampler's rows normalised (x·scale + bias) into their shuffled places, NaN/Inf rows flagged */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -289,7 +290,8 @@ void clt_error(float *out, const bf16 *y, const float *b_dec, int64_t L, int64_t
  * compute copy `copy`, which is rewritten from the updated parameter: one pass instead of converting the gradient
  * to a float32 scratch tensor, updating, and converting the parameter back (three passes, two of them transposing).
  * With `swapped`, p is [A, R/A, d] and g, copy are [R/A, A, d] (the decoders' [F, T, d] against [T, F, d]). The
- * arithmetic is PyTorch's fused Adam's, in float32 from the same double-precision constants. */
+ * arithmetic is PyTorch's fused Adam's, in float32 from the same double-precision constants (its rounding may differ
+ * where the compiler fused a product and a sum: to ~1e-6 relative). */
 void clt_adam(float *p, float *m, float *v, const bf16 *g, bf16 *copy, int64_t rows, int64_t d, int64_t A,
               int swapped, float grad_scale, double lr, double weight_decay, int decoupled, double beta1, double beta2,
               double eps, double step, int threads) {
@@ -309,7 +311,7 @@ void clt_adam(float *p, float *m, float *v, const bf16 *g, bf16 *copy, int64_t r
         int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
         const __m512 vscale = _mm512_set1_ps(grad_scale), vshrink = _mm512_set1_ps(shrink), vwd = _mm512_set1_ps(wd);
-        const __m512 vc1 = _mm512_set1_ps(c1), vkeep = _mm512_set1_ps(1.0f - c1), vb2 = _mm512_set1_ps(b2);
+        const __m512 vc1 = _mm512_set1_ps(c1), vkeep = _mm512_set1_ps(c1 - 1.0f), vb2 = _mm512_set1_ps(b2);
         const __m512 vc2 = _mm512_set1_ps(c2), vstep = _mm512_set1_ps(step_size), vbc2 = _mm512_set1_ps(bc2_sqrt);
         const __m512 veps = _mm512_set1_ps(epsilon);
         for (; i + 16 <= d; i += 16) {
@@ -320,8 +322,9 @@ void clt_adam(float *p, float *m, float *v, const bf16 *g, bf16 *copy, int64_t r
             }
             const __m512 m0 = _mm512_loadu_ps(mr + i);
             const __m512 mi = lerp_small ? _mm512_fmadd_ps(vc1, _mm512_sub_ps(grad, m0), m0)
-                                         : _mm512_fnmadd_ps(_mm512_sub_ps(grad, m0), vkeep, grad);
-            const __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(vc2, grad), grad, _mm512_mul_ps(_mm512_loadu_ps(vr + i), vb2));
+                                         : _mm512_fmadd_ps(vkeep, _mm512_sub_ps(grad, m0), grad);
+            const __m512 decayed = _mm512_mul_ps(_mm512_loadu_ps(vr + i), vb2);
+            const __m512 vi = _mm512_fmadd_ps(_mm512_mul_ps(vc2, grad), grad, decayed);
             const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vi), vbc2), veps);
             param = _mm512_sub_ps(param, _mm512_div_ps(_mm512_mul_ps(vstep, mi), denom));
             _mm512_storeu_ps(mr + i, mi), _mm512_storeu_ps(vr + i, vi), _mm512_storeu_ps(pr + i, param);
@@ -332,13 +335,54 @@ void clt_adam(float *p, float *m, float *v, const bf16 *g, bf16 *copy, int64_t r
             float grad = to_f32(gr[i]) * grad_scale, param = pr[i];
             if (wd != 0.0f) {
                 if (decoupled) param *= shrink;
-                else grad += param * wd;
+                else grad = fmaf(param, wd, grad);
             }
-            const float mi = lerp_small ? mr[i] + c1 * (grad - mr[i]) : grad - (grad - mr[i]) * (1.0f - c1);
-            const float vi = vr[i] * b2 + c2 * grad * grad;
+            const float mi = lerp_small ? fmaf(c1, grad - mr[i], mr[i]) : fmaf(c1 - 1.0f, grad - mr[i], grad);
+            const float vi = fmaf(c2 * grad, grad, vr[i] * b2);
             param -= step_size * mi / (sqrtf(vi) / bc2_sqrt + epsilon);
             mr[i] = mi, vr[i] = vi, pr[i] = param, cr[i] = to_bf16(param);
         }
+    }
+}
+
+/* -- sampler ------------------------------------------------------------------------------------------------------- */
+
+/* Row i of `src [n, len]` (bf16) to row positions[i] of `dst` (bf16): `x·scale + bias` per column in float32 (the
+ * Normalizer's arithmetic: a product, then a sum, each rounded; bf16 by round to nearest even), or a plain copy
+ * without `scale`; bad[i] |= whether the source row holds a NaN or an Inf. One pass, where PyTorch's path converts
+ * to float32, scales, converts back and scatters (four passes and two float32 temporaries). */
+void clt_prepare_rows(const bf16 *src, int64_t n, int64_t len, const float *scale, const float *bias, bf16 *dst,
+                      const int64_t *positions, uint8_t *bad, int threads) {
+    if (threads < 1 || n * len < (1 << 16)) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        const bf16 *x = src + r * len;
+        bf16 *y = dst + positions[r] * len;
+        int special = 0; /* whether a value's exponent is all ones (NaN or Inf) */
+        int64_t i = 0;
+        if (scale == NULL) {
+            for (; i < len; i++) {
+                special |= (x[i] & 0x7f80u) == 0x7f80u;
+                y[i] = x[i];
+            }
+        } else {
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+            for (; i + 16 <= len; i += 16) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(x + i));
+                const __m256i exponent = _mm256_and_si256(raw, _mm256_set1_epi16(0x7f80));
+                special |= _mm256_movemask_epi8(_mm256_cmpeq_epi16(exponent, _mm256_set1_epi16(0x7f80))) != 0;
+                const __m512 v = _mm512_add_ps(_mm512_mul_ps(widen(x + i), _mm512_loadu_ps(scale + i)),
+                                               _mm512_loadu_ps(bias + i));
+                _mm256_storeu_si256((__m256i *)(y + i), (__m256i)_mm512_cvtneps_pbh(v));
+            }
+#endif
+            for (; i < len; i++) {
+                special |= (x[i] & 0x7f80u) == 0x7f80u;
+                const float prod = to_f32(x[i]) * scale[i];
+                y[i] = to_bf16(prod + bias[i]);
+            }
+        }
+        if (special) bad[r] = 1;
     }
 }
 

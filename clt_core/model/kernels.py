@@ -28,7 +28,7 @@ from clt_core.cache import cache_dir
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp"]
+FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]  # arithmetic as written
 
 
 def _build() -> Path | None:
@@ -70,6 +70,7 @@ def _library() -> ctypes.CDLL | None:
     f32, f64, i32 = ctypes.c_float, ctypes.c_double, ctypes.c_int
     lib.clt_adam.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i32, f32, f64, f64, i32, f64, f64, f64, f64, i32]
     lib.clt_feature_major.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i32]
+    lib.clt_prepare_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
     lib.clt_error.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
     lib.clt_entries_above.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
     lib.clt_entries_above.restype = i64
@@ -92,12 +93,13 @@ def _check(*tensors: tuple[torch.Tensor, torch.dtype]) -> None:
             raise ValueError(f"kernel operand of {tensor.dtype} {tuple(tensor.shape)}: {dtype}, contiguous expected")
 
 
-def _call(name: str, *args: torch.Tensor | float) -> int:
-    """Kernel `name` on `args` (tensors passed by address), on all of PyTorch's threads; its return value."""
+def _call(name: str, *args: torch.Tensor | float | None, threads: int | None = None) -> int:
+    """Kernel `name` on `args` (tensors passed by address, None as NULL), on `threads` OpenMP threads (default all of
+    PyTorch's); its return value."""
     lib = _library()
     assert lib is not None
     pointers = [a.data_ptr() if isinstance(a, torch.Tensor) else a for a in args]
-    return getattr(lib, name)(*pointers, torch.get_num_threads())
+    return getattr(lib, name)(*pointers, threads or torch.get_num_threads())
 
 
 def decode(out: torch.Tensor, W: torch.Tensor, ptr: torch.Tensor, features: torch.Tensor, values: torch.Tensor) -> None:
@@ -139,6 +141,29 @@ def feature_major(
     bounds = torch.empty(L, num_features + 1, dtype=torch.int64)
     _call("clt_feature_major", features, tokens, ptr, L, num_features, order, by_feature, bounds)
     return order, by_feature, bounds
+
+
+def prepare_rows(
+    rows: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    positions: torch.Tensor,
+    bad: torch.Tensor,
+) -> None:
+    """`out[positions[i]] = rows[i]·scale + bias` (float32 arithmetic, bf16 result; a copy when `scale` is None) for
+    bf16 `rows [n, ...]` and `out [m, ...]` of the same row shape, `scale`, `bias` float32 of that row shape; sets
+    `bad[i]` (bool `[n]`) where row i holds NaN/Inf. On the calling thread alone (the sampler's readers are threads
+    already)."""
+    n = rows.shape[0]
+    _check((rows, torch.bfloat16), (out, torch.bfloat16), (positions, torch.int64), (bad, torch.bool))
+    if scale is not None and bias is not None:
+        _check((scale, torch.float32), (bias, torch.float32))
+    length = rows[0].numel() if n else 0
+    shapes_ok = out.shape[1:] == rows.shape[1:] and positions.shape == (n,) and bad.shape == (n,)
+    if not shapes_ok or (scale is not None and (scale.numel() != length or bias is None or bias.numel() != length)):
+        raise ValueError(f"prepare_rows: rows {tuple(rows.shape)}, out {tuple(out.shape)}, {len(positions)} positions")
+    _call("clt_prepare_rows", rows, n, length, scale, bias, out, positions, bad, threads=1)
 
 
 def error(out: torch.Tensor, targets: torch.Tensor, b_dec: torch.Tensor) -> None:

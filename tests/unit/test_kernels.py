@@ -137,3 +137,25 @@ def test_feature_major_order_is_the_stable_argsort_of_each_layer() -> None:
         assert torch.equal(tokens_by_f[lo:hi], tokens[lo:hi][expected])
         counts = torch.bincount(features[lo:hi], minlength=F)
         assert torch.equal(bounds[layer], torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]))
+
+
+def test_prepare_rows_equals_the_normalizer_and_flags_nan_rows() -> None:
+    """The sampler's compiled pass gives `_prepare`'s values exactly, in the shuffled places, and flags the rows
+    holding NaN/Inf."""
+    from clt_core.data.layout import ActivationRows
+    from clt_core.data.sampler import Normalizer, _prepare
+
+    gen = torch.Generator().manual_seed(0)
+    n, L, d = 40, 3, 40  # 120 values a row: the vector path and its tail
+    rows = (torch.randn(n, L, d, generator=gen) * 3 + 1).bfloat16()
+    rows[7, 1, 5], rows[11, 2, 39] = float("nan"), float("inf")
+    norm = Normalizer(torch.randn(L, d), torch.rand(L, d) + 0.5, torch.zeros(L, d), torch.ones(L, d))
+    positions = torch.randperm(n, generator=gen)
+    out, bad = torch.empty(n, L, d, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bool)
+    kernels.prepare_rows(rows, norm.inputs_scale, norm.inputs_bias, out, positions, bad)
+    expected = _prepare(ActivationRows(rows, rows, torch.zeros(n, dtype=torch.int32)), norm, torch.bfloat16).inputs
+    torch.testing.assert_close(out[positions], expected, rtol=0, atol=0, equal_nan=True)  # bit for bit but NaN's bits
+    assert bad.nonzero().flatten().tolist() == [7, 11]
+    copied = torch.empty_like(out)
+    kernels.prepare_rows(rows, None, None, copied, positions, torch.zeros(n, dtype=torch.bool))
+    assert torch.equal(copied[positions].view(torch.int16), rows.view(torch.int16))
