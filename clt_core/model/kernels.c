@@ -196,6 +196,49 @@ BACKWARD_COLUMNS(8)
 BACKWARD_COLUMNS(1)
 #endif
 
+#ifdef __AVX512BF16__
+/* With AVX512-BF16, two entries at a time through vdpbf16ps (two bf16 products summed into float32 per lane): their
+ * dots straight from the bf16 rows, and the weight gradient from their gradient rows interleaved (unpacklo/hi) times
+ * the pair of their values rounded to bf16 (dW's error rises from 0.17 % to 0.22 % rms of a float64 reference, against
+ * 0.17 % for rounding dW to bf16 itself), the accumulators in the order unpack leaves the columns. ~30 % faster than
+ * the float32 FMAs at the SmolLM2 shape. */
+static inline __m512i pair_of(float a, float b) { /* (a, b) rounded to bf16, in every 32-bit lane */
+    return _mm512_set1_epi32((int)((uint32_t)to_bf16(b) << 16 | to_bf16(a)));
+}
+static const int32_t FROM_0[16] = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+static const int32_t FROM_1[16] = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+#define DOT(acc, x, y) _mm512_dpbf16_ps(acc, (__m512bh)(x), (__m512bh)(y))
+static inline void backward_pairs_4(const bf16 *G, const bf16 *wf, bf16 *dw, const int64_t *tok, const float *val,
+                                    float *dots, int64_t start, int64_t end, int64_t last, int64_t i, int64_t d) {
+    __m512i w[4];
+    __m512 lo[4], hi[4];
+    for (int k = 0; k < 4; k++) w[k] = _mm512_loadu_si512(wf + i + 32 * k), lo[k] = hi[k] = _mm512_setzero_ps();
+    for (int64_t j = start; j < end; j += 2) {
+        const int64_t j2 = j + 1 < end ? j + 1 : j;
+        if (j + 2 * AHEAD < last) prefetch(G + tok[j + 2 * AHEAD] * d + i, 128);
+        if (j + 2 * AHEAD + 1 < last) prefetch(G + tok[j + 2 * AHEAD + 1] * d + i, 128);
+        const bf16 *g1 = G + tok[j] * d + i, *g2 = G + tok[j2] * d + i;
+        const __m512i v = pair_of(val[j], j2 == j ? 0.0f : val[j2]);
+        __m512 d1 = _mm512_setzero_ps(), d2 = _mm512_setzero_ps();
+        for (int k = 0; k < 4; k++) {
+            const __m512i a = _mm512_loadu_si512(g1 + 32 * k), b = _mm512_loadu_si512(g2 + 32 * k);
+            d1 = DOT(d1, a, w[k]);
+            d2 = DOT(d2, b, w[k]);
+            lo[k] = DOT(lo[k], _mm512_unpacklo_epi16(a, b), v);
+            hi[k] = DOT(hi[k], _mm512_unpackhi_epi16(a, b), v);
+        }
+        dots[j] += _mm512_reduce_add_ps(d1);
+        if (j2 != j) dots[j2] += _mm512_reduce_add_ps(d2);
+    }
+    const __m512i f0 = _mm512_loadu_si512(FROM_0), f1 = _mm512_loadu_si512(FROM_1);
+    for (int k = 0; k < 4; k++) {
+        const __m512 n0 = _mm512_permutex2var_ps(lo[k], f0, hi[k]), n1 = _mm512_permutex2var_ps(lo[k], f1, hi[k]);
+        _mm512_storeu_si512(dw + i + 32 * k, (__m512i)_mm512_cvtne2ps_pbh(n1, n0));
+    }
+}
+#endif
+
+
 /* Bands of 128 columns as in decode: a band of G (B rows × 256 bytes) is what stays in cache. */
 static void backward_part(void *p, int64_t lo, int64_t hi) {
     const backward_args *a = (const backward_args *)p;
@@ -209,7 +252,11 @@ static void backward_part(void *p, int64_t lo, int64_t hi) {
 #ifdef __AVX512F__
         for (; i + 128 <= d; i += 128)
             for (int64_t f = lo; f < hi; f++)
+#ifdef __AVX512BF16__
+                backward_pairs_4(G, W + f * d, dW + f * d, a->tok, a->val, a->dots, ptr[f], ptr[f + 1], last, i, d);
+#else
                 backward_columns_8(G, W + f * d, dW + f * d, a->tok, a->val, a->dots, ptr[f], ptr[f + 1], last, i, d);
+#endif
         for (; i + 16 <= d; i += 16)
             for (int64_t f = lo; f < hi; f++)
                 backward_columns_1(G, W + f * d, dW + f * d, a->tok, a->val, a->dots, ptr[f], ptr[f + 1], last, i, d);
