@@ -44,6 +44,7 @@ from pydantic import ByteSize, Field
 from tqdm import tqdm
 
 from clt_core.config import Config
+from clt_core.data.codecs import CODECS, Codec, check_codec
 from clt_core.data.lease import StoreLease
 from clt_core.data.storage import StoreLocation, filesystem, parse_url
 from clt_core.errors import StoreError
@@ -80,6 +81,8 @@ class ScrambleConfig(Config):
     """Local directory for the spill files (default: the system temp directory)."""
     rows_per_chunk: int | None = Field(None, ge=1)
     """Rows per chunk of the output store (default: as the source)."""
+    codec: Codec | None = None
+    """Compression codec of the output store (default: the source's)."""
 
 
 # ------------------------------------------------------------------------------------------------------------ plan
@@ -296,7 +299,7 @@ def scramble_store(
 ) -> ScrambleSummary:
     """Write every committed row of `src_url` exactly once, in a seeded random order, to a new store at `dst_url`.
 
-    The destination gets the source's metadata and norm stats (same rows, same stats) with `scrambled=True`,
+    The destination gets the source's metadata, norm stats and codec (unless `config.codec`) with `scrambled=True`,
     `parent=src_url` and `seed=config.seed`. `scrambled` is set last, so an interrupted run never looks finished;
     a failed run removes the partial destination and always removes its temp files.
     """
@@ -310,6 +313,9 @@ def scramble_store(
     n = src.num_rows
     storage_np = DTYPES[src.dtype][0]
     dst_rows_per_chunk = config.rows_per_chunk or src.rows_per_chunk
+    codec = config.codec or src.codec
+    if codec not in CODECS:
+        raise StoreError(f"{src.url}: its codec ({codec}) is not one clt writes; choose one with --codec")
     plan = plan_scramble(
         num_rows=n,
         row_bytes=src.row_bytes,
@@ -322,7 +328,7 @@ def scramble_store(
     rec_dt = record_dtype(src.num_layers, src.d_model, storage_np)
     with StoreLease(dst_loc.url, "scramble", what=f"a scramble of {src_loc.url}"):  # one writer of the destination
         check_destination(dst_loc.url, overwrite)  # before any expensive work
-        return _scramble(src, dst_loc, config, plan, dst_rows_per_chunk, rec_dt, overwrite, progress, t0)
+        return _scramble(src, dst_loc, config, plan, dst_rows_per_chunk, codec, rec_dt, overwrite, progress, t0)
 
 
 def _scramble(
@@ -331,6 +337,7 @@ def _scramble(
     config: ScrambleConfig,
     plan: ScramblePlan,
     dst_rows_per_chunk: int,
+    codec: str,
     rec_dt: np.dtype,
     overwrite: bool,
     progress: bool,
@@ -355,7 +362,7 @@ def _scramble(
                 d_model=src.d_model,
                 dtype=src.dtype,
                 rows_per_chunk=dst_rows_per_chunk,
-                compression="zstd" if src.inputs.compressors else "none",
+                compression=check_codec(codec),
                 overwrite=overwrite,
                 **info,
             )

@@ -1,9 +1,9 @@
 """The activation store: a Zarr v3 group holding MLP inputs and targets per token row (format_version 1).
 
-Layout (docs/formats.md; its constants and types in data/layout.py): arrays `inputs` and `targets` `[N, L, d]`
-chunked `(rows_per_chunk, L, d)`, `token_ids [N]`, the group attribute `clt_dataset` (a `StoreInfo`), and an optional
-`norm_stats` subgroup of float64 `[L, d]` arrays. bfloat16 is stored as its uint16 bit pattern with the array
-attribute `logical_dtype: "bfloat16"`.
+Layout (docs/formats.md; its constants and types in data/layout.py, its codecs in data/codecs.py): arrays `inputs`
+and `targets` `[N, L, d]` chunked `(rows_per_chunk, L, d)`, `token_ids [N]`, the group attribute `clt_dataset` (a
+`StoreInfo`), and an optional `norm_stats` subgroup of float64 `[L, d]` arrays. bfloat16 is stored as its uint16 bit
+pattern with the array attribute `logical_dtype: "bfloat16"`.
 
 Commit protocol: rows become visible only when `rows_committed` in `clt_dataset` is advanced, which happens after
 the chunk objects holding them were written (local writes are atomic renames, S3 PUTs are atomic). A writer that
@@ -23,9 +23,9 @@ import numpy as np
 import torch
 import zarr
 from pydantic import ValidationError
-from zarr.codecs import ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
+from clt_core.data.codecs import DEFAULT_CODEC, Codec, check_codec, codec_compressors, codec_name
 from clt_core.data.layout import (
     ARRAYS,
     DTYPES,
@@ -77,14 +77,15 @@ class ActivationStore:
         d_model: int,
         dtype: DType = "bfloat16",
         rows_per_chunk: int | None = None,
-        compression: Literal["zstd", "none"] = "zstd",
+        compression: Codec = DEFAULT_CODEC,
         overwrite: bool = False,
         reserve_rows: int = 0,
         exist_ok: bool = False,
         **info: Any,
     ) -> ActivationStore:
-        """Create an empty store. Refuses an existing store unless `overwrite`. `reserve_rows` sizes the arrays up
-        front, for writers that fill row ranges in parallel (they must not resize the arrays concurrently).
+        """Create an empty store. Refuses an existing store unless `overwrite`. `compression` is the codec of its
+        arrays (`codecs.CODECS`). `reserve_rows` sizes the arrays up front, for writers that fill row ranges in
+        parallel (they must not resize the arrays concurrently).
 
         `exist_ok`: return the store at `url` if there is one instead of refusing it, completing it if its creation
         was cut short (a killed process) or is under way elsewhere (shards of a parallel extraction create their
@@ -97,6 +98,7 @@ class ActivationStore:
             raise StoreError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         if num_layers < 1 or d_model < 1:
             raise StoreError(f"num_layers and d_model must be positive (got {num_layers}, {d_model})")
+        check_codec(compression)
         loc = parse_url(url)
         rows = rows_per_chunk or default_rows_per_chunk(num_layers, d_model, dtype)
         if rows < 1:
@@ -110,7 +112,6 @@ class ActivationStore:
         except ValidationError as err:
             raise StoreError(f"invalid store metadata: {err.errors()[0]['msg']}") from None
         check_destination(loc.url, overwrite, exist_ok=exist_ok)
-        compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
         arrays: dict[str, dict[str, Any]] = {
             name: {
                 "shape": (reserve_rows, num_layers, d_model),
@@ -121,7 +122,14 @@ class ActivationStore:
             }
             for name in ARRAYS
         }
-        arrays["token_ids"] = {"shape": (reserve_rows,), "chunks": (rows,), "dtype": np.int32, "fill_value": -1}
+        arrays["token_ids"] = {
+            "shape": (reserve_rows,),
+            "chunks": (rows,),
+            "dtype": np.dtype(np.int32),
+            "fill_value": -1,
+        }
+        for spec in arrays.values():
+            spec["compressors"] = codec_compressors(compression, spec["dtype"])
         with storage_errors(loc.url, "create the store"):
             metadata: dict[str, Any] = {INFO_KEY: store_info.model_dump(mode="json")}
             if exist_ok:
@@ -137,7 +145,7 @@ class ActivationStore:
                 if name in group:
                     continue
                 try:
-                    group.create_array(name, compressors=compressors, **spec)
+                    group.create_array(name, **spec)
                 except ContainsArrayError:  # another process made it meanwhile
                     if not exist_ok:
                         raise
@@ -235,6 +243,12 @@ class ActivationStore:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.info.dtype][1]
+
+    @property
+    def codec(self) -> str:
+        """The codec of the arrays (`codecs.CODECS`), read back from their metadata (`other: ...` for one this
+        version never writes)."""
+        return codec_name(self.inputs.compressors, np.dtype(self.inputs.dtype))
 
     @property
     def rows_per_chunk(self) -> int:
@@ -369,7 +383,7 @@ class ActivationStore:
         i = self.info
         return (
             f"ActivationStore({self.url!r}, rows={i.rows_committed}, layers={i.num_layers}, d_model={i.d_model}, "
-            f"dtype={i.dtype}, rows_per_chunk={self.rows_per_chunk})"
+            f"dtype={i.dtype}, rows_per_chunk={self.rows_per_chunk}, codec={self.codec})"
         )
 
 

@@ -13,6 +13,7 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
+from clt_core.data.codecs import DEFAULT_CODEC, Codec
 from clt_core.data.layout import DType
 from clt_core.data.store import ActivationStore
 
@@ -36,6 +37,8 @@ class SyntheticConfig(Config):
     """Storage dtype."""
     rows_per_chunk: int | None = Field(None, ge=1)
     """Rows per chunk (default: about 4 MiB per chunk)."""
+    codec: Codec = DEFAULT_CODEC
+    """Compression codec: zstd (level 1), none, blosc-lz4 or blosc-zstd (bit-shuffled)."""
     seed: int = 0
     """Seed for the dictionary and the data."""
 
@@ -53,6 +56,7 @@ def make_synthetic_store(url: str, config: SyntheticConfig, overwrite: bool = Fa
         d_model=d,
         dtype=c.dtype,
         rows_per_chunk=c.rows_per_chunk,
+        compression=c.codec,
         overwrite=overwrite,
         model={"name": "synthetic", "num_features": F},
         text_dataset="synthetic",

@@ -19,6 +19,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from clt_core.config import Config
+from clt_core.data.codecs import DEFAULT_CODEC, Codec
 from clt_core.data.layout import DType
 from clt_core.data.lease import StoreLease
 from clt_core.data.norm_stats import NormStatsAccumulator
@@ -69,6 +70,8 @@ class ExtractConfig(Config):
     """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
     chunk_rows: int | None = Field(None, ge=1)
     """Rows per store chunk (default: about 4 MiB per chunk)."""
+    codec: Codec = DEFAULT_CODEC
+    """Compression codec of the store's arrays: zstd (level 1), none, blosc-lz4 or blosc-zstd (bit-shuffled)."""
 
 
 @dataclass
@@ -130,12 +133,18 @@ def _open_or_create(
         d_model=loaded.d_model,
         dtype=config.storage_dtype,
         rows_per_chunk=config.chunk_rows,
+        compression=config.codec,
         overwrite=overwrite,
         exist_ok=not overwrite,
         reserve_rows=config.tokens if sharded else 0,
         **provenance,
     )
     store.require(num_layers=loaded.num_layers, d_model=loaded.d_model, dtype=config.storage_dtype)
+    if store.codec != config.codec:
+        raise StoreError(
+            f"{store.url} was extracted with codec {store.codec}, now {config.codec}; resume with the same codec, or "
+            "pass --overwrite to start over"
+        )
     recorded = store.info.model_dump(mode="json")
     for key, value in provenance.items():
         if recorded.get(key) != value:
