@@ -1,11 +1,14 @@
-"""The sparse decoder's compiled CPU kernels for bf16 weights (kernels.c), one call per source layer.
+"""Compiled CPU kernels (kernels.c): the bf16 sparse decoder's (decode, backward: one call per source layer), the
+error in place, each layer's feature-major order, the Adam(W) pass over bf16 compute copies, and the sampler's row
+preparation.
 
 PyTorch's kernels for the decoder (embedding bags and MKL's sampled product, model/sparse.py) read every active
 entry's weight row from cache at a fraction of this CPU's rate, convert each bf16 block to float32 first, and read
-the loss gradient twice in backward. kernels.c does the same arithmetic in one pass per kernel, accumulating into the
-caller's buffers. It is compiled on first use with the system's C compiler (`cc`, ~1 s) for this CPU
-(`-march=native`) and kept in the project's cache (clt_core/cache.py, by default `~/.cache/clt-pipeline`); without a
-compiler, or with `CLT_CPU_KERNELS=0`, `available()` is False and the PyTorch kernels run.
+the loss gradient twice in backward; around them, mixed-dtype and transposing copies make fresh float32 temporaries.
+kernels.c does the same arithmetic in one pass per kernel, into the caller's buffers. It is compiled on first use
+with the system's C compiler (`cc`, ~1 s) for this CPU (`-march=native`) and kept in the project's cache
+(clt_core/cache.py, by default `~/.cache/clt-pipeline`); without a compiler, or with `CLT_CPU_KERNELS=0`,
+`available()` and `compiled_for()` are False and the PyTorch paths run.
 """
 
 from __future__ import annotations
