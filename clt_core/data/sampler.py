@@ -175,7 +175,12 @@ def output_dtype(store: ActivationStore, config: SamplerConfig) -> torch.dtype:
 def _rows_to_skip(store: ActivationStore, rows: ActivationRows, lo: int, policy: str) -> torch.Tensor:
     """Which of rows [lo, lo + n) hold NaN/Inf (`[n]` bool) when `policy` is `skip`; an error naming them when it is
     `error`."""
-    bad = nonfinite_rows(rows)
+    return _apply_policy(store, nonfinite_rows(rows), lo, policy)
+
+
+def _apply_policy(store: ActivationStore, bad: torch.Tensor, lo: int, policy: str) -> torch.Tensor:
+    """`bad` (rows [lo, lo + n) holding NaN/Inf) under `policy`: returned for `skip`, an error naming them for
+    `error`."""
     if policy == "error" and bad.any():
         raise nonfinite_error(store, (bad.nonzero().flatten() + lo).tolist(), lo, lo + len(bad))
     return bad
@@ -322,9 +327,7 @@ class ActivationSampler:
         kernels.prepare_rows(raw.inputs, affine[0], affine[1], window.inputs, positions, bad)
         kernels.prepare_rows(raw.targets, affine[2], affine[3], window.targets, positions, bad)
         window.token_ids.index_copy_(0, positions, raw.token_ids)
-        if self.config.nonfinite == "error" and bad.any():
-            raise nonfinite_error(self.store, (bad.nonzero().flatten() + lo).tolist(), lo, lo + len(bad))
-        return bad
+        return _apply_policy(self.store, bad, lo, self.config.nonfinite)
 
     def _produce(self, epoch: int, number: int, start: int) -> None:
         """Background loop: windows in stream order (the first one starting at stream position `start`), at most

@@ -349,11 +349,9 @@ class _Encode(torch.autograd.Function):
             tokens, features = flat_all >> (Fl.bit_length() - 1), flat_all & (Fl - 1)
         else:
             tokens, features = flat_all // Fl, flat_all % Fl
-        ptr = [0]
-        for f in flat:
-            ptr.append(ptr[-1] + len(f))
-        order, tokens_by_f, bounds = by_feature(features, tokens, tuple(ptr), Fl)
-        sizes = torch.tensor([len(i) for i in flat])
+        ptr = (0, *itertools.accumulate(len(f) for f in flat))
+        order, tokens_by_f, bounds = by_feature(features, tokens, ptr, Fl)
+        sizes = torch.tensor([len(f) for f in flat])
         ctx.save_for_backward(x, order, tokens_by_f, bounds, features, sizes)
         ctx.mark_non_differentiable(tokens, features, sizes, order, tokens_by_f, bounds)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for the integer outputs

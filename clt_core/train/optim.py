@@ -98,7 +98,7 @@ class MixedAdam:
                 elif state["step"].device != p.device:  # loaded from a checkpoint on the CPU
                     state["step"] = state["step"].to(p.device)
                 target = self.weights.tensors()[copy[0]] if copy is not None and self.weights is not None else None
-                if target is not None and copy is not None and kernels.available(target) and grad.is_contiguous():
+                if copy is not None and target is not None and kernels.available(target) and grad.is_contiguous():
                     state["step"] += 1  # as PyTorch's Adam counts, before the update
                     kernels.adam(
                         p, state["exp_avg"], state["exp_avg_sq"], grad, target, swapped=copy[1], grad_scale=grad_scale,
@@ -123,5 +123,5 @@ class MixedAdam:
                     eps=group["eps"],
                     maximize=False,
                 )
-                if copy is not None and self.weights is not None:
-                    self.weights.tensors()[copy[0]].copy_(p.transpose(0, 1) if copy[1] else p)
+                if copy is not None and target is not None:
+                    target.copy_(p.transpose(0, 1) if copy[1] else p)
