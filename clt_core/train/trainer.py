@@ -23,9 +23,11 @@ from clt_core.data.sampler import ActivationSampler
 from clt_core.data.store import ActivationStore
 from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError
+from clt_core.extract.extractor import extract
+from clt_core.extract.live import LiveSource
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
-from clt_core.model.directory import gather_full, local_slice
+from clt_core.model.directory import gather_full, local_slice, read_normalizer
 from clt_core.model.directory import save as save_model
 from clt_core.model.parallel import FeatureShards
 from clt_core.tracking import JsonlTracker, MlflowTracker, Trackers
@@ -100,13 +102,17 @@ def checkpoints(output_dir: Path, *, warn: bool = False) -> list[Path]:
 def train(
     config: TrainConfig, *, resume: bool = False, progress: bool = True, progress_every: float | None = None
 ) -> TrainResult:
-    """Train (or, with `resume`, continue training) a CLT on `config.data`; see TrainConfig. `progress`: a tqdm bar;
-    `progress_every`: instead, a line on stdout every that many seconds and at the end (for logs, not terminals).
+    """Train (or, with `resume`, continue training) a CLT on `config.data` (a store) or `config.live` (a language
+    model streamed); see TrainConfig. `progress`: a tqdm bar; `progress_every`: instead, a line on stdout every that
+    many seconds and at the end (for logs, not terminals).
 
     Metrics go to `metrics.jsonl`, and to MLflow when `mlflow_tracking_uri` is set (a run of their own) or
     `MLFLOW_RUN_ID` names a run (a pipeline's: metrics, params and plots under `train/`)."""
-    if config.data is None:
-        raise ConfigError("no training data: pass --data URL (or set `data:` in the config)")
+    if config.data is None and config.live is None:
+        raise ConfigError(
+            "no training data: pass --data URL, or --model M --text T --tokens N to train from a live model (or set "
+            "`data:` or `live:` in the config)"
+        )
     device = resolve_device(config.device)
     reuse_freed_memory()
     shards = init_feature_shards(device)
@@ -116,28 +122,90 @@ def train(
         close_feature_shards(shards)
 
 
+@dataclass
+class _Data:
+    """What a run reads: its batches (a store's sampler or a live source), where it evaluates, and what the model
+    directory records about it."""
+
+    num_layers: int
+    d_model: int
+    batches: ActivationSampler | LiveSource
+    held_out: ActivationStore | None
+    """The store evaluation reads (None: no evaluation)."""
+    held_out_rows: tuple[int, int] | None
+    """Its rows evaluation reads (None: the held-out tail the sampler settings define)."""
+    source: dict[str, Any]
+    data_bytes: int
+    """Memory the batches' buffers take."""
+
+
+def _open_store(config: TrainConfig) -> _Data:
+    assert config.data is not None
+    store = ActivationStore.open(config.data)
+    sampler = ActivationSampler(store, config.sampler)
+    source = {"data": store.url, "store": store.info.model_dump(mode="json"), "sampler": config.sampler.model_dump()}
+    s = config.sampler
+    window = s.buffer_chunks * store.rows_per_chunk * store.num_layers * store.d_model * store.torch_dtype.itemsize * 2
+    held = store if s.holdout_fraction > 0 else None
+    return _Data(store.num_layers, store.d_model, sampler, held, None, source, window * (s.prefetch_windows + 2))
+
+
+def _open_live(config: TrainConfig, shards: FeatureShards, device: str, progress: bool) -> _Data:
+    """A live source; its held-out rows extracted first (rank 0; the others wait) into `OUT/held_out`, or found
+    there when resuming."""
+    live = config.live
+    assert live is not None
+    held_out = None
+    if live.held_out_tokens:
+        url = str(Path(config.output_dir).absolute() / "held_out")
+        if shards.rank == 0:
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            summary = extract(url, live.extract_config(live.held_out_tokens), progress=progress)
+            log.info("held-out rows: %s", summary)
+        shards.barrier()
+        held_out = ActivationStore.open(url)
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo") if shards.world_size > 1 else None
+    source = LiveSource(
+        live,
+        config.sampler,
+        device=device,
+        rank=shards.rank,
+        world_size=shards.world_size,
+        group=group,
+        progress=progress,
+    )
+    info = held_out.info.model_dump(mode="json") if held_out is not None else source.store_info()
+    record = {
+        "data": held_out.url if held_out is not None else None,
+        "live": live.model_dump(mode="json"),
+        "store": info,
+        "sampler": config.sampler.model_dump(),
+    }
+    L, d = source.num_layers, source.d_model
+    buffers = (live.prefetch_buffers + 2) * live.shuffle_rows * L * d * 2 * source.dtype.itemsize
+    rows = (0, held_out.num_rows) if held_out is not None else None
+    return _Data(L, d, source, held_out, rows, record, buffers + source.model_bytes())
+
+
 def _train(
     config: TrainConfig, shards: FeatureShards, device: str, resume: bool, progress: bool, progress_every: float | None
 ) -> TrainResult:
-    assert config.data is not None, "train() checks that the config names its data"
     out_dir = Path(config.output_dir)
-    store = ActivationStore.open(config.data)
-    geometry = {"num_layers": store.num_layers, "d_model": store.d_model}
+    data = _open_store(config) if config.data is not None else _open_live(config, shards, device, progress)
+    geometry = {"num_layers": data.num_layers, "d_model": data.d_model}
+    what = f"the store {config.data}" if config.data is not None else f"the model {config.live and config.live.model}"
     for key, value in geometry.items():
         given = getattr(config.model, key)
         if given is not None and given != value:
             raise ConfigError(
-                f"model.{key}={given} but the store {store.url} has {key}={value}; leave model.{key} unset (it "
-                "comes from the store) or train on a store of that model"
+                f"model.{key}={given} but {what} has {key}={value}; leave model.{key} unset (it comes from the data) "
+                "or train on data of that model"
             )
-    model_cfg = CLTConfig.from_dict({**config.model.model_dump(), **geometry}, source=store.url)  # checks k too
+    model_cfg = CLTConfig.from_dict({**config.model.model_dump(), **geometry}, source=what)  # checks k too
     estimate = estimate_memory(
-        model_cfg,
-        config,
-        sparse=uses_sparse_path(config),
-        world_size=shards.world_size,
-        rows_per_chunk=store.rows_per_chunk,
-        store_bytes=2 if store.info.dtype in ("bfloat16", "float16") else 4,
+        model_cfg, config, sparse=uses_sparse_path(config), world_size=shards.world_size, data_bytes=data.data_bytes
     )
     check_fits(estimate, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if config.threads is not None:
@@ -148,9 +216,7 @@ def _train(
     model = CrossLayerTranscoder(model_cfg, shards).to(device)
     train_step = TrainStep(model, config, device)
     optimizer = train_step.optimizer
-    sampler = ActivationSampler(store, config.sampler)
-    source = {"data": store.url, "store": store.info.model_dump(mode="json"), "sampler": config.sampler.model_dump()}
-    extras = (sampler.normalizer, source)
+    sampler = data.batches
     L, F_local = model.num_layers, model.num_local_features
     since_fired = torch.zeros(L, F_local, dtype=torch.float64, device=device)
     step = 0
@@ -164,7 +230,10 @@ def _train(
             )
         state = load_training_state(existing[-1], model, optimizer)
         train_step.weights_loaded()
-        sampler.load_state_dict(state["sampler"])
+        if isinstance(sampler, LiveSource):
+            sampler.load_state_dict(state["sampler"], read_normalizer(existing[-1]))
+        else:
+            sampler.load_state_dict(state["sampler"])
         step = state["step"]
         counters = torch.tensor(state["since_fired"], dtype=torch.float64)
         since_fired = local_slice(model, "b_enc", counters).to(device).clone()
@@ -174,6 +243,7 @@ def _train(
         # No window after the run's last batch is read at all (reading ahead would only compete with the step).
         sampler.read_ahead_until(sampler.position + (config.training_steps - step) * config.sampler.batch_size)
         sampler.start()  # the first window's problems (e.g. rows holding NaN/Inf) surface before anything is written
+    extras = (sampler.normalizer, data.source)  # a live source's normaliser is known once it started (its warm-up)
     tracker: Trackers | None = None
     mlflow: MlflowTracker | None = None
     if shards.rank == 0:
@@ -233,7 +303,7 @@ def _train(
             if lines is not None:
                 lines.maybe_print(step, evaluation)
             if step % config.eval_interval == 0 or step == config.training_steps:
-                evaluation = _evaluate(model, store, config, device, tracker, step)
+                evaluation = _evaluate(model, data, sampler.normalizer, config, device, tracker, step)
             if step % config.checkpoint_interval == 0 or step == config.training_steps:
                 state = {
                     "step": step,
@@ -331,10 +401,15 @@ def _step_metrics(result, batch, shards, optimizer, since_fired, config) -> dict
     return metrics
 
 
-def _evaluate(model, store, config, device, tracker, step) -> dict[str, Any]:
-    if config.sampler.holdout_fraction == 0:
+def _evaluate(model, data, normalizer, config, device, tracker, step) -> dict[str, Any]:
+    if data.held_out is None:
         return {}
-    result = evaluate_holdout(model, store, config.sampler, config.eval_rows, device)
+    sampler = config.sampler
+    if data.held_out_rows is not None and normalizer is None:  # a live run without normalisation
+        sampler = sampler.model_copy(update={"normalization_method": "none"})
+    result = evaluate_holdout(
+        model, data.held_out, sampler, config.eval_rows, device, rows=data.held_out_rows, normalizer=normalizer
+    )
     if tracker is not None:
         flat = {"eval/mean_nmse": result["mean_nmse"], "eval/total_l0": result["total_l0"]}
         flat["eval/dead_fraction"] = result["dead_fraction"]

@@ -1,0 +1,439 @@
+"""The live source: training batches computed by the language model while training runs; no store is written.
+
+The corpus is packed into windows exactly as extraction packs it (`clt_core.lm.windows`), so a live run and an
+extract-then-train run see the same token rows. Kept rows `[0, held_out_tokens)` are the held-out rows (training
+extracts them once into a small store for evaluation); the `tokens` rows after them are the training rows.
+
+The stream of training rows, deterministic in `seed`: the training windows, in corpus order, are cut into *spans*
+of `shuffle_windows` windows and each span's order is permuted (seeded with `(seed, span)`), so consecutive forward
+passes read windows from all over a span; the permuted windows are cut into *buffers* of about `shuffle_rows` rows
+(`buffer_windows` windows); each buffer's rows, computed by the model, are permuted (seeded with `(seed, buffer)`)
+and appended to the stream. Batch `b` is rows `[b·B, (b+1)·B)`. A background thread computes the next buffer while
+training consumes the current one (at most `prefetch_buffers` ahead).
+
+Normalisation statistics come from the first buffer (the warm-up sample), computed before the first step; the
+trainer records them in every checkpoint and model directory, and a resumed run takes them from its checkpoint.
+The state is the stream position (and the rows each buffer lost to `nonfinite: skip`): a resumed run re-derives
+the window order, recomputes the buffer it stopped in (a deterministic refill: the same forward passes on the same
+windows) and continues bit-exactly.
+
+Feature-parallel ranks (torchrun) share the language model's work: each computes the forward passes of its share of
+a buffer's windows, and the ranks all-gather the rows over a process group of their own, so every rank trains on
+the same batches.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from clt_core.config import Config
+from clt_core.data.layout import ActivationRows
+from clt_core.data.norm_stats import NormStatsAccumulator
+from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, nonfinite_rows
+from clt_core.errors import ConfigError, StoreError
+from clt_core.extract.extractor import COMPUTE_DTYPES, DEFAULT_BOS, ExtractConfig
+from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
+from clt_core.lm.corpora import TextConfig
+from clt_core.lm.loading import LoadedModel, resolve_model
+from clt_core.lm.windows import PackedWindow, batched_windows, corpus_rows, iter_windows, rows_between
+from clt_core.model import kernels
+
+STATE_VERSION = 1
+
+
+class LiveConfig(Config):
+    """Train straight from a language model (`clt train --model M --text T --tokens N`)."""
+
+    model: str = "smollm2-135m"
+    """A local model directory, a GGUF file, a Hugging Face hub id, or the alias `smollm2-135m` (as for extraction)."""
+    text: TextConfig = TextConfig()
+    """The corpus and how it is packed, as for extraction; `--text SOURCE` sets `text.source`."""
+    tokens: int = Field(1_000_000, ge=1)
+    """Training token rows; the run trains ⌊tokens / sampler.batch_size⌋ steps, each row once."""
+    context_size: int = Field(128, ge=2)
+    """Tokens per window, including the BOS."""
+    forward_batch: int = Field(8, ge=1)
+    """Windows per forward pass of the language model."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the language model runs in."""
+    input_template: str | None = None
+    """Module path of the MLP input with `{layer}` (default: the architecture's preset)."""
+    output_template: str | None = None
+    """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
+    shuffle_rows: int = Field(16384, ge=1)
+    """Rows mixed together (the mixing buffer): each batch draws from about this many rows; memory is
+    `(prefetch_buffers + 1)` buffers of `shuffle_rows · L · d · 2` values."""
+    shuffle_windows: int = Field(4096, ge=1)
+    """Windows whose order is permuted together (cheap: token ids only), so a buffer mixes windows from this span."""
+    prefetch_buffers: int = Field(1, ge=1)
+    """Buffers computed ahead of the one being trained on."""
+    held_out_tokens: int = Field(16384, ge=0)
+    """Rows before the training rows held out for evaluation (extracted once into `OUT/held_out`); 0: none."""
+
+    def extract_config(self, tokens: int) -> ExtractConfig:
+        """The extraction of the first `tokens` rows of this corpus with this model (the held-out store)."""
+        return ExtractConfig(
+            model=self.model,
+            text=self.text,
+            tokens=tokens,
+            context_size=self.context_size,
+            batch_size=self.forward_batch,
+            compute_dtype=self.compute_dtype,
+            input_template=self.input_template,
+            output_template=self.output_template,
+        )
+
+    def packed_text(self) -> TextConfig:
+        """`text` with the BOS extraction uses for this model (SmolLM2's documents start with `<|endoftext|>`)."""
+        text = self.text
+        if text.bos_token is None and text.add_bos and self.model.lower() in DEFAULT_BOS:
+            text = text.model_copy(update={"bos_token": DEFAULT_BOS[self.model.lower()]})
+        return text
+
+
+@dataclass(frozen=True)
+class _Buffer:
+    index: int
+    windows: tuple[PackedWindow, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(int(w.keep.sum()) for w in self.windows)
+
+
+class LiveSource:
+    """Endless-until-`tokens` iterator of shuffled `ActivationRows` batches computed by the language model; the
+    interface of `ActivationSampler` (`start`, `next`, `state_dict`, `load_state_dict`, `read_ahead_until`,
+    `close`, `normalizer`). See the module docstring."""
+
+    def __init__(
+        self,
+        config: LiveConfig,
+        sampler: SamplerConfig,
+        *,
+        device: str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+        group: Any = None,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.sampler = config, sampler
+        self.rank, self.world_size, self.group = rank, world_size, group
+        self.device = device
+        self.loaded: LoadedModel = resolve_model(
+            config.model, dtype=COMPUTE_DTYPES[config.compute_dtype], device=device, progress=progress
+        )
+        loaded = self.loaded
+        if loaded.max_context is not None and config.context_size > loaded.max_context:
+            raise ConfigError(
+                f"context_size {config.context_size} is larger than {loaded.name}'s maximum of {loaded.max_context}"
+            )
+        self.points: CapturePoints = capture_points(loaded.model, config.input_template, config.output_template)
+        self.text = config.packed_text()
+        need = config.held_out_tokens + config.tokens
+        available = corpus_rows(self.text, loaded.tokenizer, config.context_size, limit=need)
+        if available.rows < need:
+            raise ConfigError(
+                f"--tokens {config.tokens:,} (+ {config.held_out_tokens:,} held out) is more than the corpus "
+                f"{self.text.source!r} holds at context size {config.context_size}: {available.rows:,} rows; lower "
+                "--tokens or add text"
+            )
+        self.num_layers, self.d_model = loaded.num_layers, loaded.d_model
+        # `store`: what a store extracted by default holds (bf16), so that a live run trains on the very values an
+        # extract-then-train run does
+        self.dtype = torch.bfloat16 if sampler.dtype == "store" else OUTPUT_DTYPES[sampler.dtype]
+        self.normalizer: Normalizer | None = None
+        self.position = 0
+        self._capture = NNsightCapture(loaded.model, self.points)
+        text_rows = config.context_size - int(self.text.add_bos)
+        self.buffer_windows = max(1, math.ceil(config.shuffle_rows / text_rows))
+        self._skipped: dict[int, int] = {}  # buffer -> rows left out for NaN/Inf (`nonfinite: skip`)
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._room = threading.Condition()
+        self._ahead = 0
+        self._read_until: int | None = None
+        self._stop = threading.Event()
+        self._current: ActivationRows | None = None
+        self._offset = 0
+
+    @property
+    def url(self) -> str:
+        """What errors name as the data."""
+        return f"live:{self.config.model}"
+
+    def store_info(self) -> dict[str, Any]:
+        """What a store extracted by this model would record about its origin (for a run without held-out rows)."""
+        loaded = self.loaded
+        return {
+            "num_layers": self.num_layers,
+            "d_model": self.d_model,
+            "dtype": self.config.compute_dtype,
+            "model": {
+                "name": loaded.name,
+                "architecture": loaded.architecture,
+                "weights_hash": loaded.weights_hash,
+                "revision": loaded.revision,
+            },
+            "context_size": self.config.context_size,
+            "hook_templates": self.points.as_dict(),
+            "text_dataset": self.text.source,
+        }
+
+    def model_bytes(self) -> int:
+        """Memory of the language model: its weights, and one forward pass's captured activations (twice: the
+        capture and its kept rows)."""
+        weights = sum(p.numel() * p.element_size() for p in self.loaded.model.parameters())
+        itemsize = COMPUTE_DTYPES[self.config.compute_dtype].itemsize
+        batch = self.config.forward_batch * self.config.context_size * self.num_layers * self.d_model * itemsize
+        return weights + 4 * batch
+
+    # ------------------------------------------------------------ the stream
+    def _windows(self) -> Iterator[PackedWindow]:
+        """The training windows in stream order: spans of `shuffle_windows` windows, each permuted."""
+        config = self.config
+        first, stop = config.held_out_tokens, config.held_out_tokens + config.tokens
+        windows = rows_between(iter_windows(self.text, self.loaded.tokenizer, config.context_size), first, stop)
+        for span, group in enumerate(batched_windows(windows, config.shuffle_windows)):
+            order = np.random.default_rng([self.sampler.seed, 0, span]).permutation(len(group))
+            yield from (group[i] for i in order)
+
+    def _buffers(self) -> Iterator[_Buffer]:
+        for index, group in enumerate(batched_windows(self._windows(), self.buffer_windows)):
+            yield _Buffer(index, tuple(group))
+
+    def _locate(self, position: int) -> tuple[int, int]:
+        """(buffer index, row offset in it) of a stream position."""
+        for buffer in self._buffers():
+            rows = buffer.rows - self._skipped.get(buffer.index, 0)
+            if position < rows:
+                return buffer.index, position
+            position -= rows
+        raise StoreError(f"{self.url}: stream position past the {self.config.tokens:,} training rows")
+
+    def _forward(self, windows: list[PackedWindow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept rows of `windows` (inputs, targets in the compute dtype, token ids), one forward per `forward_batch`
+        windows."""
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for batch in batched_windows(windows, self.config.forward_batch):
+            ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(self.device)
+            keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(self.device)
+            inputs, targets = self._capture(ids)
+            parts.append((inputs[keep].cpu(), targets[keep].cpu(), ids[keep].to(torch.int32).cpu()))
+        if not parts:
+            shape = (0, self.num_layers, self.d_model)
+            empty = torch.empty(shape, dtype=COMPUTE_DTYPES[self.config.compute_dtype])
+            return empty, empty.clone(), torch.empty(0, dtype=torch.int32)
+        if len(parts) == 1:
+            return parts[0]
+        x, y, t = zip(*parts, strict=True)
+        return torch.cat(x), torch.cat(y), torch.cat(t)
+
+    def _buffer_rows(self, buffer: _Buffer) -> ActivationRows:
+        """The buffer's rows in window order (raw activations): this rank's share computed here, the others'
+        gathered from their ranks."""
+        windows = list(buffer.windows)
+        if self.world_size == 1:
+            return ActivationRows(*self._forward(windows))
+        import torch.distributed as dist
+
+        # Contiguous shares of windows, in forward batches: rank r computes share r.
+        batches = list(batched_windows(windows, self.config.forward_batch))
+        bounds = np.linspace(0, len(batches), self.world_size + 1).round().astype(int)
+        shares = [[w for b in batches[bounds[r] : bounds[r + 1]] for w in b] for r in range(self.world_size)]
+        counts = [sum(int(w.keep.sum()) for w in share) for share in shares]
+        mine = self._forward(shares[self.rank])
+        longest = max(counts)
+        gathered = []
+        for part in mine:
+            padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype)
+            padded[: len(part)] = part
+            out = [torch.empty_like(padded) for _ in range(self.world_size)]
+            dist.all_gather(out, padded, group=self.group)
+            gathered.append(torch.cat([o[:c] for o, c in zip(out, counts, strict=True)]))
+        return ActivationRows(*gathered)
+
+    def _fill(self, buffer: _Buffer) -> ActivationRows:
+        """A buffer's rows computed, permuted, normalised (the warm-up buffer first sets the statistics) and
+        converted; rows holding NaN/Inf dropped (`skip`) or refused (`error`)."""
+        raw = self._buffer_rows(buffer)
+        n = len(raw.token_ids)
+        if self.normalizer is None and self.sampler.normalization_method != "none":
+            stats = NormStatsAccumulator(self.num_layers, self.d_model)
+            stats.update(raw.inputs, raw.targets)
+            self.normalizer = Normalizer.from_stats(stats.result())
+        positions = torch.from_numpy(np.random.default_rng([self.sampler.seed, 1, buffer.index]).permutation(n))
+        shape = (n, self.num_layers, self.d_model)
+        out = ActivationRows(
+            torch.empty(shape, dtype=self.dtype),
+            torch.empty(shape, dtype=self.dtype),
+            torch.empty(n, dtype=torch.int32),
+        )
+        norm = self.normalizer
+        if raw.inputs.dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(raw.inputs):
+            bad = torch.zeros(n, dtype=torch.bool)
+            affine = (
+                (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
+            )
+            kernels.prepare_rows(raw.inputs.contiguous(), affine[0], affine[1], out.inputs, positions, bad)
+            kernels.prepare_rows(raw.targets.contiguous(), affine[2], affine[3], out.targets, positions, bad)
+        else:
+            bad = nonfinite_rows(raw)
+            x = norm.inputs(raw.inputs) if norm else raw.inputs
+            y = norm.targets(raw.targets) if norm else raw.targets
+            out.inputs.index_copy_(0, positions, x.to(self.dtype))
+            out.targets.index_copy_(0, positions, y.to(self.dtype))
+        out.token_ids.index_copy_(0, positions, raw.token_ids)
+        if bad.any():
+            if self.sampler.nonfinite == "error":
+                raise StoreError(
+                    f"{self.url}: {int(bad.sum())} row(s) of training buffer {buffer.index} hold NaN/Inf (the model's "
+                    "activations overflow?); set sampler.nonfinite: skip (--nonfinite skip) to train without them, "
+                    "or run the model in float32 (--compute-dtype float32)"
+                )
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[positions[bad]] = False
+            self._skipped[buffer.index] = int(bad.sum())
+            out = ActivationRows(*(t[keep] for t in out))
+        return out
+
+    def _produce(self, first: int, start: int) -> None:
+        """Background loop: buffers from `first` on, at most `prefetch_buffers` ahead of the consumer's; `start` is
+        the stream position of buffer `first`."""
+        try:
+            for buffer in self._buffers():
+                if buffer.index < first:
+                    continue
+                if not self._wait_for_room(start):
+                    return
+                item = self._fill(buffer)
+                start += len(item.token_ids)
+                self._queue.put(item)
+            self._queue.put(None)  # the end of the training rows
+        except BaseException as exc:  # surfaced in the consumer
+            self._queue.put(exc)
+
+    def _wait_for_room(self, start: int) -> bool:
+        with self._room:
+            while not self._stop.is_set():
+                limit = self._read_until
+                if self._ahead < self.config.prefetch_buffers and (limit is None or start < limit):
+                    self._ahead += 1
+                    return True
+                self._room.wait(timeout=0.1)
+        return False
+
+    def _next_buffer(self, row: int) -> ActivationRows:
+        if self._read_until is not None and row >= self._read_until:
+            self.read_ahead_until(None)
+        item = self._queue.get()
+        if item is None:
+            raise StoreError(f"{self.url}: all {self.config.tokens:,} training rows are used; raise --tokens")
+        if isinstance(item, BaseException):
+            self.close()
+            if isinstance(item, StoreError | ConfigError):
+                raise item
+            raise StoreError(f"{self.url}: computing a training buffer failed: {item}") from item
+        with self._room:
+            self._ahead -= 1
+            self._room.notify_all()
+        return item
+
+    def read_ahead_until(self, position: int | None) -> None:
+        """Compute no buffer ahead that starts at or after stream `position` (None: no limit); only a hint."""
+        with self._room:
+            self._read_until = position
+            self._room.notify_all()
+
+    # ------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[ActivationRows]:
+        return self
+
+    def start(self) -> None:
+        """Start the background forward passes and wait for the first buffer (the warm-up: after it the normaliser
+        is known); `next` does this itself when needed."""
+        if self._thread is None:
+            index, offset = self._locate(self.position)
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._produce, args=(index, self.position - offset), daemon=True)
+            self._thread.start()
+            self._current, self._offset = self._next_buffer(self.position), offset
+
+    def __next__(self) -> ActivationRows:
+        self.start()
+        pieces: list[ActivationRows] = []
+        need = self.sampler.batch_size
+        while need:
+            assert self._current is not None
+            available = len(self._current.token_ids) - self._offset
+            if available == 0:
+                self._current, self._offset = self._next_buffer(self.position + self.sampler.batch_size - need), 0
+                continue
+            take = min(need, available)
+            sl = slice(self._offset, self._offset + take)
+            pieces.append(ActivationRows(*(t[sl] for t in self._current)))
+            self._offset += take
+            need -= take
+        self.position += self.sampler.batch_size
+        if len(pieces) == 1:
+            return pieces[0]
+        return ActivationRows(*(torch.cat(ts) for ts in zip(*pieces, strict=True)))
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The stream position plus what the stream depends on."""
+        return {
+            "version": STATE_VERSION,
+            "kind": "live",
+            "position": self.position,
+            "seed": self.sampler.seed,
+            "batch_size": self.sampler.batch_size,
+            "buffer_windows": self.buffer_windows,
+            "shuffle_windows": self.config.shuffle_windows,
+            "world_size": self.world_size,
+            **({"nonfinite_skipped": {str(b): n for b, n in sorted(self._skipped.items())}} if self._skipped else {}),
+        }
+
+    def load_state_dict(self, state: dict[str, Any], normalizer: Normalizer | None = None) -> None:
+        """Continue at a saved state; `normalizer`: the run's (from its checkpoint), so no warm-up is recomputed."""
+        expected = self.state_dict()
+        for key in ("version", "kind", "seed", "buffer_windows", "shuffle_windows", "world_size"):
+            if state.get(key) != expected[key]:
+                raise StoreError(
+                    f"live-source state was saved with {key}={state.get(key)!r} but this run has "
+                    f"{key}={expected[key]!r}; resume with the same settings"
+                )
+        self.close()
+        self.position = int(state["position"])
+        self._skipped = {int(b): int(n) for b, n in state.get("nonfinite_skipped", {}).items()}
+        if normalizer is not None or self.sampler.normalization_method == "none":
+            self.normalizer = normalizer
+
+    def close(self) -> None:
+        """Stop the background thread (the source can be iterated again afterwards)."""
+        if self._thread is not None:
+            self._stop.set()
+            while self._thread.is_alive():
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    self._thread.join(timeout=0.05)
+            self._thread = None
+        self._queue = queue.Queue()
+        self._ahead = 0
+        self._current, self._offset = None, 0
+
+    def __enter__(self) -> LiveSource:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
