@@ -18,9 +18,12 @@ SOURCE = {
 }
 
 
-def make_model_dir(path: Path, activation: str = "jumprelu", normalise: bool = True) -> tuple[Path, Normalizer | None]:
+def make_model_dir(
+    path: Path, activation: str = "jumprelu", normalise: bool = True, decoders: str = "cross_layer"
+) -> tuple[Path, Normalizer | None]:
     torch.manual_seed(0)
-    model = CrossLayerTranscoder(CLTConfig(num_layers=L, d_model=D, num_features=F, activation_fn=activation, k=4))
+    config = CLTConfig(num_layers=L, d_model=D, num_features=F, activation_fn=activation, k=4, decoders=decoders)
+    model = CrossLayerTranscoder(config)
     with torch.no_grad():
         model.b_enc.normal_(0, 0.1)
         model.b_dec.normal_(0, 0.1)

@@ -1,4 +1,5 @@
-"""PNG plots of an evaluation: NMSE and L0 per layer, thresholds per layer, training curves."""
+"""PNG plots of an evaluation: NMSE and L0 per layer, thresholds per layer, training curves. Every axis shows one
+quantity, labelled with its unit; quantities that share an x axis are panels of one figure that share it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 
-__all__ = ["plot_feature_density", "plot_layer_metrics", "plot_thresholds", "plot_training_curves"]
+__all__ = [
+    "plot_feature_density",
+    "plot_layer_metrics",
+    "plot_thresholds",
+    "plot_training_curves",
+    "training_curves_figure",
+]
 
 
 def _pyplot() -> Any:
@@ -29,7 +36,7 @@ def plot_layer_metrics(metrics: dict[str, Any], path: Path) -> Path:
     layers = range(len(metrics["nmse"]))
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     left.bar(layers, metrics["nmse"], color="tab:blue")
-    left.set(xlabel="layer", ylabel="NMSE", title=f"NMSE per layer (mean {metrics['mean_nmse']:.3f})")
+    left.set(xlabel="layer", ylabel="NMSE (MSE / variance)", title=f"NMSE per layer (mean {metrics['mean_nmse']:.3f})")
     right.bar(layers, metrics["l0"], color="tab:orange")
     right.set(
         xlabel="layer", ylabel="active features per token", title=f"L0 per layer (total {metrics['total_l0']:.1f})"
@@ -71,26 +78,69 @@ def plot_thresholds(model: CrossLayerTranscoder, path: Path, silent_above: float
     return path
 
 
-def plot_training_curves(metrics_jsonl: Path, path: Path) -> Path:
-    """Loss terms and held-out NMSE over steps, from a run's metrics.jsonl."""
-    plt = _pyplot()
+# The panels of the training curves: one quantity each (title, y label, y scale, the metrics.jsonl keys drawn).
+_CURVE_PANELS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("training loss, per term", "loss (normalised units)", "log", ("loss/",)),
+    ("held-out NMSE", "NMSE (MSE / variance)", "log", ("eval/mean_nmse", "eval/nmse/layer_")),
+    ("L0", "active features per token", "linear", ("eval/total_l0", "l0/total")),
+)
+_CURVE_LABELS = {"eval/mean_nmse": "mean over layers", "eval/total_l0": "held-out", "l0/total": "training batches"}
+
+
+def _read_curves(metrics_jsonl: Path) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) series of the keys the panels draw, from a run's metrics.jsonl (non-positive values left out
+    of the log-scale panels)."""
     series: dict[str, list[tuple[int, float]]] = {}
     for line in Path(metrics_jsonl).read_text().splitlines():
         record = json.loads(line)
         step = record.get("step")
+        if step is None:
+            continue
         for key, value in record.items():
-            wanted = key.startswith("loss/") or key in ("eval/mean_nmse", "eval/total_l0")
-            if step is not None and wanted and isinstance(value, int | float) and value > 0:
+            panel = next((p for p in _CURVE_PANELS if any(key.startswith(k) for k in p[3])), None)
+            if panel is None or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            if value > 0 or (panel[2] == "linear" and value == 0):
                 series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def training_curves_figure(metrics_jsonl: Path) -> Any:
+    """The figure of `plot_training_curves` (matplotlib's): one panel per quantity that the run logged, stacked on
+    a shared step axis."""
+    plt = _pyplot()
+    series = _read_curves(metrics_jsonl)
     if not series:
         raise ConfigError(f"{metrics_jsonl}: no loss or evaluation metrics to plot")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, points in sorted(series.items()):
-        steps, values = zip(*points, strict=True)
-        ax.plot(steps, values, label=key, marker="o" if len(points) < 5 else None)
-    ax.set(xlabel="step", yscale="log", title="training curves")
-    ax.legend(fontsize=7)
+    panels = [(p, sorted(k for k in series if any(k.startswith(w) for w in p[3]))) for p in _CURVE_PANELS]
+    panels = [(p, keys) for p, keys in panels if keys]
+    fig, axes = plt.subplots(len(panels), 1, sharex=True, figsize=(7, 1.2 + 2.3 * len(panels)), squeeze=False)
+    for ax, ((title, ylabel, scale, _), keys) in zip(axes[:, 0], panels, strict=True):
+        per_layer = [k for k in keys if k.startswith("eval/nmse/layer_")]
+        for key in keys:
+            steps, values = zip(*series[key], strict=True)
+            marker = "o" if len(steps) < 5 else None
+            if key in per_layer:  # thin, and labelled only while a legend stays readable
+                label = f"layer {key.rsplit('_', 1)[1]}" if len(per_layer) <= 8 else None
+                ax.plot(steps, values, label=label, linewidth=0.8, alpha=0.6, marker=marker, markersize=3)
+            elif per_layer:  # the mean over the per-layer lines: dark and thicker
+                ax.plot(steps, values, label=_CURVE_LABELS.get(key, key), color="black", linewidth=2, marker=marker)
+            else:
+                ax.plot(steps, values, label=_CURVE_LABELS.get(key, key.removeprefix("loss/")), marker=marker)
+        ax.set(title=title, ylabel=ylabel, yscale=scale)
+        ax.grid(True, which="major", alpha=0.3)
+        if any(line.get_label() and not line.get_label().startswith("_") for line in ax.get_lines()):
+            ax.legend(fontsize=7, loc="best")
+    axes[-1, 0].set_xlabel("training step")
     fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(metrics_jsonl: Path, path: Path) -> Path:
+    """Training curves from a run's metrics.jsonl, one quantity per panel on a shared step axis: the loss terms
+    (log scale), held-out NMSE (mean and per layer, log scale) and L0 (held-out and training batches)."""
+    plt = _pyplot()
+    fig = training_curves_figure(metrics_jsonl)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -52,8 +52,9 @@ def evaluate_model(
     (default: its training store).
 
     `holdout_fraction` overrides the training split (needed when the store is not the training one and the split is
-    unknown). Returns JSON-ready per-layer lists and totals plus `feature_density`, a `[L, F]` tensor (fraction of the
-    rows each feature fired on) for the density plot.
+    unknown). Returns JSON-ready per-layer lists and totals (and the model's `decoders`: cross_layer, or per_layer for
+    the per-layer-transcoder baseline) plus `feature_density`, a `[L, F]` tensor (fraction of the rows each feature
+    fired on) for the density plot.
     """
     trained = model if isinstance(model, TrainedModel) else load(model, device=device)
     clt, normalizer, model_dir = trained.model, trained.normalizer, trained.path
@@ -99,6 +100,7 @@ def evaluate_model(
             "holdout_fraction": fraction,
             "held_out_rows": [start, stop],
             "data": store.url,
+            "decoders": cfg.decoders,  # a per-layer baseline's report says so beside the CLT's
             "feature_density": density,
         }
     )

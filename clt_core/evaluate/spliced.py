@@ -3,8 +3,9 @@
 
 All layers at once: at each layer in order, the MLP input of the spliced run itself is normalised and encoded, and
 the MLP output becomes the de-normalised sum of the decoders of that layer's and every earlier layer's features,
-plus the decoder bias. One layer at a time (`per_layer`): only layer l's output is replaced, by the reconstruction
-from the original run's inputs (its zero-ablation baseline zeroes that layer alone). Positions the CLT never trained
+plus the decoder bias (of that layer's features alone for a per-layer transcoder, `decoders: per_layer`). One layer
+at a time (`per_layer`): only layer l's output is replaced, by the reconstruction from the original run's inputs
+(its zero-ablation baseline zeroes that layer alone). Positions the CLT never trained
 on (BOS and special tokens, which extraction keeps out of the store) keep their true MLP output, in the spliced and
 the zero-ablated runs alike, and are not encoded at all. batchtopk models keep, at each layer, the k·N largest
 pre-activations over the N kept tokens of the forward pass (`text_batch_size` windows), as in training, so a token's
@@ -75,9 +76,10 @@ class CLTReplacement:
     def add_features(self, layer: int, acts: torch.Tensor) -> None:
         m = self.model
         L, d = m.num_layers, m.d_model
+        targets = m.decoder_targets[layer]
         if self.partial is None:
             self.partial = torch.zeros(acts.shape[0], L, d, device=acts.device)
-        self.partial[:, layer:] += m.decode_layer(layer, acts).reshape(-1, L - layer, d)
+        self.partial[:, targets.start : targets.stop] += m.decode_layer(layer, acts).reshape(-1, len(targets), d)
 
     def output(self, layer: int) -> torch.Tensor:
         """The raw reconstruction `[N, d]` of layer `layer` from the features added so far."""
@@ -212,11 +214,13 @@ def spliced_metrics(
 
 
 def _from_original(clt: CLTReplacement, keep: torch.Tensor, inputs: list[torch.Tensor], target: int) -> Replacement:
-    """Layer `target`'s reconstruction from the original run's inputs of layers 0..target."""
+    """Layer `target`'s reconstruction from the original run's inputs of the layers that write to it (0..target; for
+    a per-layer transcoder, `target` alone)."""
+    writers = [s for s, targets in enumerate(clt.model.decoder_targets[: target + 1]) if target in targets]
 
     def replace(layer: int, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         clt.reset(keep)
-        for source in range(target + 1):
+        for source in writers:
             rows = inputs[source].reshape(-1, inputs[source].shape[-1])[clt.keep]
             clt.add_features(source, clt.features(source, rows))
         return clt._scatter(clt.output(target), y)

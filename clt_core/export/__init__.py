@@ -1,5 +1,6 @@
-"""Export of trained models to the formats other tools load: circuit-tracer's cross-layer transcoder files, with the
-training normalisation folded into the weights so they work on raw activations (and load back as a native model)."""
+"""Export of trained models to the formats other tools load: circuit-tracer's cross-layer transcoder files (its
+transcoder-set files for a per-layer model), with the training normalisation folded into the weights so they work on
+raw activations (and load back as a native model)."""
 
 from clt_core.export.circuit_tracer import (
     circuit_tracer_hooks,

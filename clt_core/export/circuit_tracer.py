@@ -1,4 +1,5 @@
-"""circuit-tracer's cross-layer transcoder files, with our normalisation folded in so they work on raw activations.
+"""circuit-tracer's cross-layer transcoder files (and, for a per-layer model, its transcoder-set files), with our
+normalisation folded in so they work on raw activations.
 
 What circuit-tracer 0.5 reads (checked in its source, `circuit_tracer/transcoder/cross_layer_transcoder.py` and
 `utils/caching.py`, `utils/hf_utils.py`, `utils/tl_nnsight_mapping.py`):
@@ -8,9 +9,15 @@ What circuit-tracer 0.5 reads (checked in its source, `circuit_tracer/transcoder
   `W_dec_{i} [F, L-i, d]` (target layers i..L-1), exactly our layout. It picks JumpReLU when `threshold_0` is present
   and ReLU otherwise; it has no top-k CLT. So relu models export without thresholds, and batchtopk/topk models are
   refused: `clt convert` turns them into JumpReLU first.
-- `config.yaml` is read when the directory is loaded as a transcoder set (its local cache, or a Hugging Face repo):
-  `model_kind: cross_layer_transcoder`, `feature_input_hook`, `feature_output_hook`; its CLI takes the language model
-  from `model_name`. Other keys are ignored; ours (`activation_function`, `clt_pipeline`) are for people.
+- A per-layer model (`decoders: per_layer`) is what circuit-tracer calls a transcoder set, of another format
+  (`single_layer_transcoder.py`, `load_transcoder_set` / `load_relu_transcoder`): one `layer_{i}.safetensors` per
+  layer holding `W_enc [F, d]`, `W_dec [F, d]`, `b_enc [F]`, `b_dec [d]` and, for JumpReLU,
+  `activation_function.threshold [F]` (the raw threshold; ReLU without it), as `SingleLayerTranscoder.to_safetensors`
+  writes them. `load_transcoders_from_cache` finds the layers as `layer_*.safetensors`.
+- `config.yaml` is read when the directory is loaded through circuit-tracer's cache (or a Hugging Face repo):
+  `model_kind` (`cross_layer_transcoder`, or `transcoder_set` for a per-layer model), `feature_input_hook`,
+  `feature_output_hook`; its CLI takes the language model from `model_name`. Other keys are ignored; ours
+  (`activation_function`, `clt_pipeline`) are for people.
 - Hooks are TransformerLens-style names relative to a block. On its TransformerLens backend circuit-tracer wraps every
   MLP so that `mlp.hook_in` is the MLP's input and `mlp.hook_out` its output; its nnsight backend maps these names to
   modules per architecture (Llama and Qwen3: `mlp.hook_in` = `post_attention_layernorm` output = the MLP input,
@@ -21,8 +28,8 @@ What circuit-tracer 0.5 reads (checked in its source, `circuit_tracer/transcoder
 
 Folding, per layer (x raw input, μ/σ the normalisation): pre = W_enc·(x−μ_in)/σ_in + b_enc, so W_enc' = W_enc/σ_in
 and b_enc' = b_enc − W_enc·(μ_in/σ_in); the raw reconstruction σ_t·ŷ + μ_t gives
-W_dec'[s][:, j] = W_dec[s][:, j]·σ_t[s+j] and b_dec' = σ_t·b_dec + μ_t. Thresholds act on pre-activations, which do
-not change. Computed in float64, stored in float32.
+W_dec'[s][:, j] = W_dec[s][:, j]·σ_t[s+j] (j over the decoder's targets from s on) and b_dec' = σ_t·b_dec + μ_t.
+Thresholds act on pre-activations, which do not change. Computed in float64, stored in float32.
 
 The export also keeps our `config.json` and `source.json`, so `load_circuit_tracer` rebuilds a native model from it;
 that model works on raw activations (its normalisation is the identity: it is folded into the weights).
@@ -65,8 +72,9 @@ _OUTPUT_HOOKS = {
 
 
 def fold_normalization(state: dict[str, torch.Tensor], normalizer: Normalizer | None) -> dict[str, torch.Tensor]:
-    """Our parameters (`model.safetensors` names: `W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec.{s} [F,L-s,d]`,
-    `b_dec [L,d]`, optional `log_threshold`) trained behind `normalizer` -> the same on raw activations, float32.
+    """Our parameters (`model.safetensors` names: `W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec.{s} [F,T_s,d]` writing
+    to targets s..s+T_s-1, `b_dec [L,d]`, optional `log_threshold`) trained behind `normalizer` -> the same on raw
+    activations, float32.
 
     Pure; computed in float64 one tensor at a time (a large CLT's decoders do not fit twice in float64)."""
     f32, f64 = torch.float32, torch.float64
@@ -84,7 +92,7 @@ def fold_normalization(state: dict[str, torch.Tensor], normalizer: Normalizer | 
     for name, value in state.items():
         if name.startswith("W_dec."):
             s = int(name.split(".")[1])
-            out[name] = (value.detach().to(f64) * sd_t[s:][None]).to(f32)
+            out[name] = (value.detach().to(f64) * sd_t[s : s + value.shape[1]][None]).to(f32)
         elif name not in out:
             out[name] = value.detach().to(f32, copy=True)  # log_threshold: pre-activations are unchanged
     return out
@@ -144,22 +152,27 @@ def export_circuit_tracer(
     num_layers = model.num_layers
     del model
 
+    per_layer = config.decoders == "per_layer"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # mkdir, unlike mkdtemp, keeps umask
     tmp.mkdir()
     try:
         for i in range(num_layers):
+            # exp in float32, exactly the threshold our forward compares against.
+            threshold = state["log_threshold"][i].exp() if kind == "jumprelu" else None
+            if per_layer:
+                _save_layer(tmp / f"layer_{i}.safetensors", state, i, threshold)
+                continue
             encoder = {
                 f"W_enc_{i}": state["W_enc"][i],
                 f"b_enc_{i}": state["b_enc"][i],
                 f"b_dec_{i}": state["b_dec"][i],
             }
-            if kind == "jumprelu":
-                # exp in float32, exactly the threshold our forward compares against.
-                encoder[f"threshold_{i}"] = state["log_threshold"][i].exp()
+            if threshold is not None:
+                encoder[f"threshold_{i}"] = threshold
             save_file({k: v.contiguous() for k, v in encoder.items()}, str(tmp / f"W_enc_{i}.safetensors"))
             save_file({f"W_dec_{i}": state[f"W_dec.{i}"].contiguous()}, str(tmp / f"W_dec_{i}.safetensors"))
-        ct_config: dict[str, Any] = {"model_kind": "cross_layer_transcoder"}
+        ct_config: dict[str, Any] = {"model_kind": "transcoder_set" if per_layer else "cross_layer_transcoder"}
         if store.get("model", {}).get("name"):
             ct_config["model_name"] = store["model"]["name"]
         ct_config |= {
@@ -180,6 +193,19 @@ def export_circuit_tracer(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _save_layer(file: Path, state: dict[str, torch.Tensor], layer: int, threshold: torch.Tensor | None) -> None:
+    """One layer of a per-layer model as circuit-tracer's `SingleLayerTranscoder.to_safetensors` writes it."""
+    tensors = {
+        "W_enc": state["W_enc"][layer],
+        "W_dec": state[f"W_dec.{layer}"][:, 0],
+        "b_enc": state["b_enc"][layer],
+        "b_dec": state["b_dec"][layer],
+    }
+    if threshold is not None:
+        tensors["activation_function.threshold"] = threshold
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(file))
 
 
 def _replace(tmp: Path, out: Path) -> None:
@@ -214,12 +240,20 @@ def load_circuit_tracer(export_dir: str | Path) -> tuple[CrossLayerTranscoder, d
     params = dict(model.named_parameters())
     with torch.no_grad():
         for i in range(model.num_layers):
-            enc, dec = _read(path / f"W_enc_{i}.safetensors"), _read(path / f"W_dec_{i}.safetensors")
-            values = {"W_enc": enc.get(f"W_enc_{i}"), "b_enc": enc.get(f"b_enc_{i}"), "b_dec": enc.get(f"b_dec_{i}")}
-            if model.log_threshold is not None:
+            if config.decoders == "per_layer":  # circuit-tracer's transcoder set: one file per layer
+                layer = _read(path / f"layer_{i}.safetensors")
+                names = {"W_enc": "W_enc", "b_enc": "b_enc", "b_dec": "b_dec", f"W_dec.{i}": "W_dec"}
+                values = {ours: layer.get(theirs) for ours, theirs in names.items()}
+                W_dec = values[f"W_dec.{i}"]
+                values[f"W_dec.{i}"] = None if W_dec is None else W_dec[:, None]
+                threshold = layer.get("activation_function.threshold")
+            else:
+                enc, dec = _read(path / f"W_enc_{i}.safetensors"), _read(path / f"W_dec_{i}.safetensors")
+                values = {n: enc.get(f"{n}_{i}") for n in ("W_enc", "b_enc", "b_dec")}
+                values[f"W_dec.{i}"] = dec.get(f"W_dec_{i}")
                 threshold = enc.get(f"threshold_{i}")
+            if model.log_threshold is not None:
                 values["log_threshold"] = None if threshold is None else threshold.double().log().float()
-            values[f"W_dec.{i}"] = dec.get(f"W_dec_{i}")
             for name, value in values.items():
                 target = params[name] if name.startswith("W_dec.") else params[name][i]
                 if value is None or value.shape != target.shape:

@@ -1,12 +1,18 @@
 """The cross-layer transcoder: plain PyTorch, the same code for one process and for feature shards.
 
 Parameters (feature-first, as circuit-tracer stores them), for this rank's features [lo, hi) of every layer:
-`W_enc [L, F, d]`, `b_enc [L, F]`, decoders `W_dec[s] [F, L-s, d]` writing to targets s..L-1, `b_dec [L, d]`
-(replicated), and for jumprelu `log_threshold [L, F]`.
+`W_enc [L, F, d]`, `b_enc [L, F]`, decoders `W_dec[s] [F, T_s, d]` writing to the targets `config.targets(s)`,
+`b_dec [L, d]` (replicated), and for jumprelu `log_threshold [L, F]`. A cross-layer transcoder's layer s writes to
+targets s..L-1 (T_s = L-s); with `decoders: per_layer` (the per-layer-transcoder baseline) to layer s alone
+(T_s = 1), and everything else (encoder, activations, losses, the sparse path, feature shards) is the same code.
 
-Initialisation follows "Circuit Tracing" (Anthropic 2025): W_enc ~ U(±1/√F), W_dec ~ U(±1/√(L·d)), biases 0,
-thresholds at `jumprelu_threshold`. Weights are drawn in blocks of 64 features from generators seeded by
-(seed, parameter, block), so any feature shard draws exactly its slice of the single-process weights.
+Initialisation follows "Circuit Tracing" (Anthropic 2025): W_enc ~ U(±1/√F), W_dec ~ U(±1/√(S·d)), biases 0,
+thresholds at `jumprelu_threshold`, where S is the number of layers whose features write to the last layer: L for a
+CLT (the paper's 1/√(L·d)), 1 for a per-layer transcoder (the usual 1/√d of a single-layer transcoder). So the
+initial reconstruction of a layer written by all the layers it can be has the same scale in both, and a PLT does
+not start √L times too small at every layer. The encoder is drawn identically in both (same seed, same weights).
+Weights are drawn in blocks of 64 features from generators seeded by (seed, parameter, block), so any feature shard
+draws exactly its slice of the single-process weights.
 """
 
 from __future__ import annotations
@@ -83,9 +89,13 @@ class CrossLayerTranscoder(nn.Module):
             torch.stack([_uniform_rows((F, d), enc_bound, seed, f"W_enc.{i}", lo, hi, dtype) for i in range(L)])
         )
         self.b_enc = nn.Parameter(torch.zeros(L, hi - lo, dtype=dtype))
-        bound = 1 / math.sqrt(L * d)
+        self.decoder_targets = [config.targets(s) for s in range(L)]
+        """The layers each source layer's decoder writes to (`config.targets`)."""
+        writers = sum(L - 1 in targets for targets in self.decoder_targets)  # L for a CLT, 1 for a PLT
+        bound = 1 / math.sqrt(writers * d)
         self.W_dec = nn.ParameterList(
-            nn.Parameter(_uniform_rows((F, L - s, d), bound, seed, f"W_dec.{s}", lo, hi, dtype)) for s in range(L)
+            nn.Parameter(_uniform_rows((F, len(t), d), bound, seed, f"W_dec.{s}", lo, hi, dtype))
+            for s, t in enumerate(self.decoder_targets)
         )
         self.b_dec = nn.Parameter(torch.zeros(L, d, dtype=dtype))
         if config.activation_fn == "jumprelu":
@@ -138,9 +148,10 @@ class CrossLayerTranscoder(nn.Module):
     def decode_layer(
         self, layer: int, acts: torch.Tensor, sparse: bool | None = None, grad_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Activations of one source layer `[N, F_local]` -> this shard's decoding of them into layers
-        `layer..L-1`, `[N, (L-layer)·d]` (no bias, not summed over shards). `sparse`: decode the active rows only
-        (default: for topk/batchtopk, or below `sparse_decode_density`)."""
+        """Activations of one source layer `[N, F_local]` -> this shard's decoding of them into its targets
+        `decoder_targets[layer]` (`layer..L-1`, or `layer` alone per layer), `[N, T·d]` (no bias, not summed over
+        shards). `sparse`: decode the active rows only (default: for topk/batchtopk, or below
+        `sparse_decode_density`)."""
         W = self.W_dec[layer]
         if sparse is None:
             sparse = self._decodes_sparsely(acts)
@@ -166,8 +177,9 @@ class CrossLayerTranscoder(nn.Module):
         # Accumulate in float32 at least (bf16 partial sums would lose the small contributions).
         dtype = torch.promote_types(self.b_dec.dtype, torch.float32)
         out = torch.zeros(B, L * d, dtype=dtype, device=acts.device)
-        for s in range(L):
-            out[:, s * d :] += self.decode_layer(s, acts[:, s], sparse, None if grad_mask is None else grad_mask[:, s])
+        for s, targets in enumerate(self.decoder_targets):
+            part = self.decode_layer(s, acts[:, s], sparse, None if grad_mask is None else grad_mask[:, s])
+            out[:, targets.start * d : targets.stop * d] += part
         out = self.shards.sum_partials(out).reshape(B, L, d)
         return out + self.b_dec if bias else out
 

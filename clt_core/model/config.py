@@ -10,10 +10,12 @@ from clt_core.config import Config
 from clt_core.errors import ConfigError
 
 Activation = Literal["jumprelu", "relu", "batchtopk", "topk"]
+Decoders = Literal["cross_layer", "per_layer"]
 
 
 class CLTConfig(Config):
-    """A cross-layer transcoder: one encoder per layer, one decoder per (source layer, later target layer)."""
+    """A cross-layer transcoder: one encoder per layer, one decoder per (source layer, later target layer); or, with
+    `decoders: per_layer`, its per-layer-transcoder baseline (one decoder per layer, to that layer alone)."""
 
     num_layers: int | None = Field(None, ge=1)
     """Layers of the underlying model (training takes it from the store when unset)."""
@@ -21,6 +23,11 @@ class CLTConfig(Config):
     """Width of the MLP inputs and outputs (training takes it from the store when unset)."""
     num_features: int = Field(ge=1)
     """Features per layer (F)."""
+    decoders: Decoders = "cross_layer"
+    """`cross_layer`: layer s's features decode to every layer s..L-1 (a CLT, decoders `W_dec.{s} [F, L-s, d]`);
+    `per_layer`: to layer s alone (`W_dec.{s} [F, 1, d]`): a per-layer transcoder (PLT, one skipless transcoder per
+    layer), the baseline a CLT is measured against, trained by the same code (encoder, activations, k, losses,
+    sparse path). Model directories written before this setting existed are `cross_layer`."""
     activation_fn: Activation = "batchtopk"
     """`jumprelu` (learned threshold per feature), `relu`, `batchtopk` (top k·B per batch) or `topk` (per token)."""
     k: float = Field(32, gt=0)
@@ -51,6 +58,11 @@ class CLTConfig(Config):
                 f"k={self.k:g} is more than the {limit} features of all layers together; lower k or raise num_features"
             )
         return self
+
+    def targets(self, source: int) -> range:
+        """The layers that the features of layer `source` decode to: `source..L-1`, or `source` alone."""
+        num_layers, _ = self.sizes()
+        return range(source, num_layers if self.decoders == "cross_layer" else source + 1)
 
     def sizes(self) -> tuple[int, int]:
         """`(num_layers, d_model)`, which every built or saved model has (training takes them from the store)."""

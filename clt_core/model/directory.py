@@ -2,9 +2,10 @@
 evaluate, export, the registry and the CLI load (`load`).
 
 Files, all unsharded (a model saved from N feature shards loads as any other number) and none pickled:
-- `config.json`: the CLTConfig;
-- `model.safetensors`: the parameters `W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec.{s} [F,L-s,d]`, `b_dec [L,d]` and, for
-  jumprelu, `log_threshold [L,F]`;
+- `config.json`: the CLTConfig (`decoders` among it: a directory written before that setting existed holds a
+  cross-layer transcoder, and loads as one);
+- `model.safetensors`: the parameters `W_enc [L,F,d]`, `b_enc [L,F]`, `W_dec.{s} [F,T_s,d]` (T_s = L-s targets for a
+  cross-layer transcoder, 1 for a per-layer one), `b_dec [L,d]` and, for jumprelu, `log_threshold [L,F]`;
 - `normalization.safetensors`: the `[L,d]` mean and std the model's inputs and targets were standardised with
   (absent when training used none), so the model maps raw MLP inputs to raw MLP outputs;
 - `source.json`: the training data (`{"data": store URL, "store": the store's metadata}`: the language model, its

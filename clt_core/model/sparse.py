@@ -10,8 +10,10 @@ entries, not with `F`:
 - the encoder's backward touches only the active entries: `dW_enc[f] = Σ_b g[b,f]·x[b]` (an embedding bag per
   feature over the layer's inputs).
 The weights used are a `ComputeWeights` copy in the compute dtype, laid out for these kernels (decoders target-major,
-`[L-s, F, d]`); their gradients land in that copy's buffers, and `MixedAdam` (train/optim.py) applies them to the
-float32 parameters. Accumulation is float32 in every kernel.
+`[T_s, F, d]`: T_s = L-s targets s..L-1 for a cross-layer transcoder, 1 (target s) for a per-layer one, which the
+kernels take as they are: they decode into, and read the loss gradient of, the T_s rows given); their gradients land
+in that copy's buffers, and `MixedAdam` (train/optim.py) applies them to the float32 parameters. Accumulation is
+float32 in every kernel.
 """
 
 from __future__ import annotations
@@ -99,7 +101,8 @@ class SparseActs(NamedTuple):
 
 class ComputeWeights:
     """The encoder and decoder weights in the compute dtype, laid out for the sparse kernels: `W_enc [L, F, d]` and
-    decoders `W_dec[s] [L-s, F, d]` (block `W_dec[s][t-s]` maps source s to target t), and their gradients.
+    decoders `W_dec[s] [T_s, F, d]` (block `W_dec[s][t-s]` maps source s to target t, for its T_s consecutive
+    targets from s on: L-s of them in a cross-layer transcoder, 1 in a per-layer one), and their gradients.
 
     Backward writes the gradients into buffers kept from step to step (`grad`): a fresh gigabyte-sized allocation
     each step would cost more in page faults than the kernels that fill it. `refresh` copies the float32
@@ -381,12 +384,13 @@ def _decode_into(out: torch.Tensor, values: torch.Tensor, acts: SparseActs, weig
     for s in range(len(W_dec)):
         part = acts.layer(s)
         rows, v = acts.features[part], values[part]
+        targets = slice(s, s + W_dec[s].shape[0])  # s..L-1, or s alone for a per-layer transcoder
         if compiled:
-            kernels.decode(out[s:], W_dec[s], group_bounds(acts.tokens[part], batch), rows, v.detach().float())
+            kernels.decode(out[targets], W_dec[s], group_bounds(acts.tokens[part], batch), rows, v.detach().float())
             continue
         offsets = bag_offsets(acts.tokens[part], batch)
-        for t in range(s, len(W_dec)):
-            out[t] += gather_sum(W_dec[s][t - s], rows, offsets, v)
+        for j in range(W_dec[s].shape[0]):
+            out[s + j] += gather_sum(W_dec[s][j], rows, offsets, v)
 
 
 class _DecodeLoss(torch.autograd.Function):
@@ -447,16 +451,17 @@ class _DecodeLoss(torch.autograd.Function):
             order, tok_by_f = order_all[part], tokens_by_f[part]
             v_by_f = v[order]
             dW = weights.grad_buffer(1 + s)
+            targets = slice(s, s + W_dec[s].shape[0])  # s..L-1, or s alone for a per-layer transcoder
             if compiled:  # the activations' gradients from the bf16 loss gradient here
-                by_f = kernels.decoder_backward(g_low[s:], W_dec[s], dW, bounds[s], tok_by_f, v_by_f)
+                by_f = kernels.decoder_backward(g_low[targets], W_dec[s], dW, bounds[s], tok_by_f, v_by_f)
                 grad_values[part] = torch.empty_like(by_f).index_copy_(0, order, by_f)
                 continue
             f_offsets = bounds[s, :-1]
             acc = torch.zeros(len(f), dtype=torch.float32, device=values.device)
             dots = SampledDots(tok, f, B, Fl)
-            for t in range(s, L):
-                acc += dots(grad[t], W_dec[s][t - s])
-                dW[t - s] = gather_sum(g_low[t], tok_by_f, f_offsets, v_by_f)
+            for j in range(W_dec[s].shape[0]):
+                acc += dots(grad[s + j], W_dec[s][j])
+                dW[j] = gather_sum(g_low[s + j], tok_by_f, f_offsets, v_by_f)
             grad_values[part] = acc
         return grad_values, grad_b_dec, None, None, None, None
 

@@ -55,11 +55,14 @@ def circuit_tracer_python() -> Path:
     return VENV_PYTHON
 
 
+@pytest.mark.parametrize("decoders", ["cross_layer", "per_layer"])
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
 def test_load_clt_reproduces_our_raw_reconstruction(
-    tmp_path: Path, circuit_tracer_python: Path, activation: str
+    tmp_path: Path, circuit_tracer_python: Path, activation: str, decoders: str
 ) -> None:
-    model_dir, norm = make_model_dir(tmp_path / "model", activation)
+    """A cross-layer model loads as circuit-tracer's CrossLayerTranscoder (load_clt), a per-layer one as its
+    TranscoderSet (load_transcoder_set); both through its cache too."""
+    model_dir, norm = make_model_dir(tmp_path / "model", activation, decoders=decoders)
     (model_dir / "source.json").write_text(json.dumps(LLAMA_SOURCE))
     export = export_circuit_tracer(model_dir, tmp_path / "exports" / "smollm2-clt")
     gen = torch.Generator().manual_seed(5)
@@ -70,14 +73,16 @@ def test_load_clt_reproduces_our_raw_reconstruction(
     run = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
+    per_layer = decoders == "per_layer"
     assert summary == {
+        "kind": "TranscoderSet" if per_layer else "CrossLayerTranscoder",
         "activation": "jump_relu" if activation == "jumprelu" else "relu",
         "n_layers": L,
         "d_transcoder": F,
         "d_model": D,
         "hooks": ["mlp.hook_in", "mlp.hook_out"],
         "model_name": "HuggingFaceTB/SmolLM2-135M",
-        "model_kind": "cross_layer_transcoder",
+        "model_kind": "transcoder_set" if per_layer else "cross_layer_transcoder",
     }
     ours = raw_reconstruction(model_dir, norm, x).detach()  # normalizer.raw_targets(model(normalizer.inputs(x)))
     for way, theirs in load_file(str(outputs)).items():

@@ -84,6 +84,15 @@ CASES: dict[str, dict[str, Any]] = {
         "auxk_k": 64,
         "dead_feature_window": 512,
     },
+    # The per-layer-transcoder baseline: one decoder block per layer, on the sparse and on the dense path.
+    "batchtopk-per-layer-decoders": {
+        "model": CLTConfig(num_features=128, activation_fn="batchtopk", k=4, decoders="per_layer"),
+    },
+    "jumprelu-per-layer-decoders": {
+        "model": CLTConfig(num_features=128, activation_fn="jumprelu", decoders="per_layer"),
+        "sparsity_lambda": 1e-2,
+        "preactivation_coef": 1e-3,
+    },
 }
 # In "batchtopk-auxk" and "topk-auxk" the ranks' dead-feature sets go one-sided (one rank 1-2 dead, the other 0) at
 # step 4 or 5: AuxK must still run its collectives on the rank without dead features, or training hangs.

@@ -15,7 +15,13 @@ from clt_core.data.sampler import Normalizer, SamplerConfig, held_out_range
 from clt_core.data.synthetic import SyntheticConfig, make_synthetic_store
 from clt_core.errors import ConfigError
 from clt_core.evaluate import evaluate_model
-from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
+from clt_core.evaluate.plots import (
+    plot_feature_density,
+    plot_layer_metrics,
+    plot_thresholds,
+    plot_training_curves,
+    training_curves_figure,
+)
 from clt_core.evaluate.spliced import CLTReplacement, SplicedRunner, spliced_metrics
 from clt_core.extract.extractor import ExtractConfig, extract
 from clt_core.lm.capture import capture_points
@@ -58,10 +64,12 @@ def test_an_oracle_recovers_everything_and_zeros_equal_zero_ablation(tiny_dirs: 
     assert zeros["ce_recovered"] == pytest.approx(0.0, abs=1e-9)
 
 
-def random_clt(d: int, layers: int, activation: str = "jumprelu") -> tuple[CrossLayerTranscoder, Normalizer]:
+def random_clt(
+    d: int, layers: int, activation: str = "jumprelu", decoders: str = "cross_layer"
+) -> tuple[CrossLayerTranscoder, Normalizer]:
     torch.manual_seed(1)
     model = CrossLayerTranscoder(
-        CLTConfig(num_layers=layers, d_model=d, num_features=48, activation_fn=activation, k=4)
+        CLTConfig(num_layers=layers, d_model=d, num_features=48, activation_fn=activation, k=4, decoders=decoders)
     )
     with torch.no_grad():
         for w in model.W_dec:
@@ -92,8 +100,9 @@ def reference_features(model: CrossLayerTranscoder, norm: Normalizer, layer: int
 def hook_reference(lm, points, model: CrossLayerTranscoder, norm: Normalizer, ids, keep,
                    only: int | None = None) -> torch.Tensor:  # fmt: skip
     """The replacement model with plain forward hooks: recon_t = Σ_{s≤t} f_s·W_dec[s][:, t−s] + b_dec[t] at kept
-    positions. All layers (`only=None`): f_s from the spliced run's own MLP input at s. One layer (`only=t`): f_s from
-    an unmodified run's inputs, and only layer t replaced."""
+    positions (per-layer decoders: f_t·W_dec[t][:, 0] + b_dec[t]). All layers (`only=None`): f_s from the spliced
+    run's own MLP input at s. One layer (`only=t`): f_s from an unmodified run's inputs, and only layer t replaced."""
+    per_layer = model.config.decoders == "per_layer"
     modules = dict(lm.model.named_modules())
     inputs: dict[int, torch.Tensor] = {}
 
@@ -107,8 +116,9 @@ def hook_reference(lm, points, model: CrossLayerTranscoder, norm: Normalizer, id
         def hook(_m, _args, output):
             if only is not None and layer != only:
                 return output
-            feats = [reference_features(model, norm, s, inputs[s], keep) for s in range(layer + 1)]
-            recon = sum(f @ model.W_dec[s][:, layer - s] for s, f in enumerate(feats)) + model.b_dec[layer]
+            sources = [layer] if per_layer else range(layer + 1)
+            feats = {s: reference_features(model, norm, s, inputs[s], keep) for s in sources}
+            recon = sum(f @ model.W_dec[s][:, layer - s] for s, f in feats.items()) + model.b_dec[layer]
             recon = recon * norm.targets_std[layer] + norm.targets_mean[layer]
             return torch.where(keep[..., None], recon.to(output.dtype), output)
 
@@ -157,11 +167,16 @@ def test_the_nnsight_splice_equals_forward_hooks(tiny_dirs: dict[str, Path], kin
     torch.testing.assert_close(ours[:, 0], original[:, 0])  # BOS: every layer's true output, so the same logits
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_per_layer_and_all_layer_metrics_match_forward_hooks(tiny_dirs: dict[str, Path], kind: str) -> None:
+@pytest.mark.parametrize(("kind", "decoders"), [("llama", "cross_layer"), ("gpt2", "cross_layer"),
+                                               ("llama", "per_layer")])  # fmt: skip
+def test_per_layer_and_all_layer_metrics_match_forward_hooks(
+    tiny_dirs: dict[str, Path], kind: str, decoders: str
+) -> None:
+    """Also for the per-layer-transcoder baseline: its spliced-in metrics replace each layer by that layer's own
+    features alone."""
     lm = resolve_model(str(tiny_dirs[kind]))
     points = capture_points(lm.model)
-    model, norm = random_clt(lm.d_model, points.num_layers)
+    model, norm = random_clt(lm.d_model, points.num_layers, decoders=decoders)
     batch = windows(lm)[0]
     ids = torch.as_tensor(np.stack([w.token_ids for w in batch]))
     keep = torch.as_tensor(np.stack([w.keep for w in batch]))
@@ -265,6 +280,42 @@ def test_plots_write_pngs_and_refuse_models_without_thresholds(tmp_path: Path) -
     relu = CrossLayerTranscoder(CLTConfig(num_layers=2, d_model=8, num_features=32, activation_fn="relu"))
     with pytest.raises(ConfigError, match="no thresholds"):
         plot_thresholds(relu, tmp_path / "none.png")
+
+
+def test_training_curves_put_one_quantity_per_axis(tmp_path: Path) -> None:
+    """Loss terms, held-out NMSE and L0 each on an axis of their own (log, log, linear), stacked on one shared step
+    axis, each labelled with its unit: never L0 and NMSE on one log axis."""
+    import matplotlib.pyplot as plt
+
+    losses = {"loss/total": 2.0, "loss/reconstruction": 1.5, "loss/sparsity": 0.5, "loss/auxk": 0.0}
+    lines = [{"step": s, **{k: v / s for k, v in losses.items()}, "l0/total": 12.0, "dead_fraction": 0.1, "lr": 1e-3}
+             for s in range(1, 51)]  # fmt: skip
+    nmse = {f"eval/nmse/layer_{i}": 0.4 + 0.1 * i for i in range(3)}
+    lines += [{"step": s, "eval/mean_nmse": 0.5 / s, "eval/total_l0": 11.5, "eval/dead_fraction": 0.0,
+               **{k: v / s for k, v in nmse.items()}} for s in (10, 20, 30, 40, 50)]  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    fig = training_curves_figure(tmp_path / "metrics.jsonl")
+    axes = fig.axes
+    assert [ax.get_ylabel() for ax in axes] == ["loss (normalised units)", "NMSE (MSE / variance)",
+                                                "active features per token"]  # fmt: skip
+    assert [ax.get_yscale() for ax in axes] == ["log", "log", "linear"]
+    assert [ax.get_xlabel() for ax in axes] == ["", "", "training step"]
+    assert all(axes[0].get_shared_x_axes().joined(axes[0], ax) for ax in axes[1:])
+    labels = [sorted(line.get_label() for line in ax.get_lines()) for ax in axes]
+    assert labels == [
+        ["reconstruction", "sparsity", "total"],  # auxk (all 0) has no place on a log axis
+        ["layer 0", "layer 1", "layer 2", "mean over layers"],
+        ["held-out", "training batches"],
+    ]
+    plt.close(fig)
+    # a run that logged losses only: one panel
+    (tmp_path / "losses.jsonl").write_text("\n".join(json.dumps({"step": s, "loss/total": 1 / s}) for s in (1, 2, 3)))
+    fig = training_curves_figure(tmp_path / "losses.jsonl")
+    assert [ax.get_ylabel() for ax in fig.axes] == ["loss (normalised units)"]
+    plt.close(fig)
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"step": 1, "lr": 1e-3}))
+    with pytest.raises(ConfigError, match="no loss or evaluation metrics"):
+        training_curves_figure(tmp_path / "empty.jsonl")
 
 
 def test_a_store_of_another_model_is_refused(trained_dir: Path, tmp_path: Path, capsys) -> None:

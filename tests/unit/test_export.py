@@ -1,5 +1,6 @@
 """circuit-tracer export: folding is exact, the files reproduce our raw reconstruction under circuit-tracer's own math,
-the round trip is lossless, and what circuit-tracer cannot run is refused with the fix."""
+the round trip is lossless, and what circuit-tracer cannot run is refused with the fix. A per-layer model exports as
+circuit-tracer's transcoder set (one `layer_{i}.safetensors` per layer)."""
 
 from __future__ import annotations
 
@@ -38,9 +39,11 @@ LLAMA_SOURCE = {
 }
 
 
-def llama_model_dir(path: Path, activation: str = "jumprelu", normalise: bool = True) -> tuple[Path, Normalizer]:
+def llama_model_dir(
+    path: Path, activation: str = "jumprelu", normalise: bool = True, decoders: str = "cross_layer"
+) -> tuple[Path, Normalizer]:
     """A tiny random CLT (3 layers, d=16, 32 features) with a random normalisation, trained "on" a Llama store."""
-    model_dir, norm = make_model_dir(path, activation, normalise)
+    model_dir, norm = make_model_dir(path, activation, normalise, decoders)
     (model_dir / "source.json").write_text(json.dumps(LLAMA_SOURCE))
     return model_dir, norm
 
@@ -273,3 +276,69 @@ def test_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     btk, _ = llama_model_dir(tmp_path / "btk", "batchtopk")
     assert main(["export", str(btk), "--out", str(tmp_path / "x")]) == 2
     assert "clt convert" in error() and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------------ per-layer: transcoder set
+def transcoder_set_forward(export: Path, x: torch.Tensor) -> np.ndarray:
+    """circuit-tracer 0.5's transcoder-set math over the exported files, in numpy (from its source,
+    `single_layer_transcoder.py`): `load_relu_transcoder` reads `layer_{i}.safetensors` (W_enc [F, d], W_dec [F, d],
+    b_enc, b_dec, and `activation_function.threshold` for JumpReLU, else ReLU); layer i's output is
+    features_i·W_dec + b_dec, from layer i's input alone."""
+    layers = [load_numpy(str(export / f"layer_{i}.safetensors")) for i in range(len(list(export.glob("layer_*"))))]
+    out = []
+    for i, t in enumerate(layers):
+        pre = x[:, i].double().numpy() @ t["W_enc"].T.astype(float) + t["b_enc"]
+        threshold = t.get("activation_function.threshold")
+        feats = pre * (pre > threshold) if threshold is not None else np.maximum(pre, 0)
+        out.append(feats @ t["W_dec"].astype(float) + t["b_dec"])
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("activation", ["jumprelu", "relu"])
+def test_a_per_layer_model_exports_as_a_transcoder_set(tmp_path: Path, activation: str) -> None:
+    model_dir, norm = llama_model_dir(tmp_path / "model", activation, decoders="per_layer")
+    export = export_circuit_tracer(model_dir, tmp_path / "ct")
+    config = yaml.safe_load((export / "config.yaml").read_text())
+    assert config["model_kind"] == "transcoder_set" and config["model_name"] == "HuggingFaceTB/SmolLM2-135M"
+    assert (config["feature_input_hook"], config["feature_output_hook"]) == ("mlp.hook_in", "mlp.hook_out")
+    names = sorted(p.name for p in export.glob("*.safetensors"))
+    assert names == [f"layer_{i}.safetensors" for i in range(L)]  # no W_enc_*/W_dec_*: load_clt would take those
+    shapes = {"W_enc": (F, D), "W_dec": (F, D), "b_enc": (F,), "b_dec": (D,)}
+    if activation == "jumprelu":
+        shapes["activation_function.threshold"] = (F,)
+    for i in range(L):
+        tensors = load_file(str(export / f"layer_{i}.safetensors"))
+        assert {k: tuple(v.shape) for k, v in tensors.items()} == shapes
+        assert all(v.dtype == torch.float32 for v in tensors.values())
+    x = raw_inputs(norm)
+    ours = raw_reconstruction(model_dir, norm, x)
+    assert close(transcoder_set_forward(export, x), ours)
+    # the round trip: a native per-layer model on raw activations, and the same files when exported again
+    model, source = load_circuit_tracer(export)
+    assert model.config.decoders == "per_layer" and source == LLAMA_SOURCE
+    with torch.no_grad():
+        assert close(model(x).reconstruction, ours)
+    save(tmp_path / "back", model, None, source)
+    again = export_circuit_tracer(tmp_path / "back", tmp_path / "ct2")
+    for i in range(L):
+        first, second = (load_file(str(e / f"layer_{i}.safetensors")) for e in (export, again))
+        for key in first:  # exact, but the thresholds (through log and exp: float32 rounding)
+            tol = {"rtol": 1e-6, "atol": 0.0} if key.endswith("threshold") else {"rtol": 0.0, "atol": 0.0}
+            torch.testing.assert_close(second[key], first[key], **tol, msg=key)
+    (export / "layer_1.safetensors").unlink()
+    with pytest.raises(ConfigError, match=r"layer_1\.safetensors is missing"):
+        load_circuit_tracer(export)
+
+
+def test_per_layer_decoders_fold_with_their_own_layers_target_scale() -> None:
+    gen = torch.Generator().manual_seed(4)
+    state = {"W_enc": torch.randn(L, F, D, generator=gen), "b_enc": torch.randn(L, F, generator=gen),
+             "b_dec": torch.randn(L, D, generator=gen),
+             **{f"W_dec.{s}": torch.randn(F, 1, D, generator=gen) for s in range(L)}}  # fmt: skip
+    norm = Normalizer(torch.randn(L, D, generator=gen), torch.rand(L, D, generator=gen) + 0.1,
+                      torch.randn(L, D, generator=gen), torch.rand(L, D, generator=gen) + 0.1)  # fmt: skip
+    folded = fold_normalization(state, norm)
+    for s in range(L):
+        want = state[f"W_dec.{s}"].double() * norm.targets_std[s].double()
+        assert folded[f"W_dec.{s}"].shape == (F, 1, D)
+        assert torch.allclose(folded[f"W_dec.{s}"].double(), want, rtol=2**-24, atol=1e-12)

@@ -19,6 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in 
 
 F64 = torch.float64
 ACTIVATIONS = ["jumprelu", "relu", "batchtopk", "topk"]
+DECODERS = ["cross_layer", "per_layer"]
 
 
 def make_model(
@@ -51,12 +52,14 @@ def batch(B: int, L: int = 3, d: int = 4, seed: int = 0) -> tuple[torch.Tensor, 
 
 
 def dense_reconstruction(model: CrossLayerTranscoder, acts: torch.Tensor) -> torch.Tensor:
-    """Reference decode: each source layer's activations times its decoder, written to layers s.. (left-padded)."""
+    """Reference decode: each source layer's activations times its decoder, written to layers s..L-1 (a CLT) or s
+    alone (per-layer decoders), padded to all layers."""
     B, L, d, F = acts.shape[0], model.config.num_layers, model.config.d_model, model.num_local_features
     parts = []
     for s in range(L):
-        partial = acts[:, s].to(model.W_dec[s].dtype) @ model.W_dec[s].reshape(F, (L - s) * d)
-        parts.append(torch.nn.functional.pad(partial, (s * d, 0)))
+        T = L - s if model.config.decoders == "cross_layer" else 1
+        partial = acts[:, s].to(model.W_dec[s].dtype) @ model.W_dec[s].reshape(F, T * d)
+        parts.append(torch.nn.functional.pad(partial, (s * d, (L - s - T) * d)))
     return torch.stack(parts).sum(0).reshape(B, L, d) + model.b_dec
 
 
@@ -227,13 +230,14 @@ LOSS_KW = {"sparsity_lambda": 0.1, "preactivation_coef": 0.01}
 MODEL_TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 
+@pytest.mark.parametrize("decoders", DECODERS)
 @pytest.mark.parametrize("activation", ["jumprelu", "relu"])
-def test_model_sparse_decode_equals_dense_decode(activation: str) -> None:
+def test_model_sparse_decode_equals_dense_decode(activation: str, decoders: str) -> None:
     """sparse_decode_density 1.0 (always sparse here) and 0.0 (always dense) give the same outputs and gradients."""
     x, y = batch(16)
     results = []
     for density in (1.0, 0.0):
-        model = make_model(activation, randomise_biases=True, sparse_decode_density=density)
+        model = make_model(activation, randomise_biases=True, sparse_decode_density=density, decoders=decoders)
         out = model(x)
         clt_loss(model, out, y, **LOSS_KW).total.backward()
         results.append((out, param_grads(model)))
@@ -252,10 +256,11 @@ def test_model_sparse_decode_equals_dense_decode(activation: str) -> None:
         torch.testing.assert_close(grads_s[name], grads_d[name], **MODEL_TOL, msg=name)
 
 
+@pytest.mark.parametrize("decoders", DECODERS)
 @pytest.mark.parametrize("activation", ["batchtopk", "topk"])
-def test_topk_model_sparse_decode_equals_manual_dense_reconstruction(activation: str) -> None:
+def test_topk_model_sparse_decode_equals_manual_dense_reconstruction(activation: str, decoders: str) -> None:
     x, y = batch(16)
-    model = make_model(activation, randomise_biases=True)
+    model = make_model(activation, randomise_biases=True, decoders=decoders)
     out = model(x)
     clt_loss(model, out, y, **LOSS_KW).total.backward()
     grads = param_grads(model)
@@ -270,21 +275,25 @@ def test_topk_model_sparse_decode_equals_manual_dense_reconstruction(activation:
         torch.testing.assert_close(grads[name], p.grad, **MODEL_TOL, msg=name)
 
 
-def test_float64_model_reconstructs_at_float64_precision() -> None:
+@pytest.mark.parametrize("decoders", DECODERS)
+def test_float64_model_reconstructs_at_float64_precision(decoders: str) -> None:
     x, _ = batch(16)
-    model = make_model("relu", randomise_biases=True)
+    model = make_model("relu", randomise_biases=True, decoders=decoders)
     out = model(x)
     torch.testing.assert_close(out.reconstruction, dense_reconstruction(model, out.activations), rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------- parameters, init
+@pytest.mark.parametrize("decoders", DECODERS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_parameter_shapes_and_layout(activation: str) -> None:
+def test_parameter_shapes_and_layout(activation: str, decoders: str) -> None:
     L, d, F = 3, 4, 16
-    model = make_model(activation, L=L, d=d, F=F, jumprelu_threshold=0.05)
+    model = make_model(activation, L=L, d=d, F=F, jumprelu_threshold=0.05, decoders=decoders)
     assert model.W_enc.shape == (L, F, d)
     assert model.b_enc.shape == (L, F)
-    assert [tuple(w.shape) for w in model.W_dec] == [(F, L - s, d) for s in range(L)]
+    targets = [L - s if decoders == "cross_layer" else 1 for s in range(L)]
+    assert [tuple(w.shape) for w in model.W_dec] == [(F, targets[s], d) for s in range(L)]
+    assert model.decoder_targets == [range(s, s + targets[s]) for s in range(L)]
     assert model.b_dec.shape == (L, d)
     assert not model.b_enc.any() and not model.b_dec.any()
     assert model.decoder_norms().shape == (L, F)
@@ -297,11 +306,14 @@ def test_parameter_shapes_and_layout(activation: str) -> None:
         assert torch.equal(model.threshold, torch.zeros(L, F, dtype=F64))
 
 
-def test_init_is_uniform_within_the_circuit_tracing_bounds() -> None:
+@pytest.mark.parametrize("decoders", DECODERS)
+def test_init_is_uniform_within_the_circuit_tracing_bounds(decoders: str) -> None:
+    """W_dec ~ U(±1/√(S·d)), S the layers writing to the last layer: L for a CLT, 1 for per-layer decoders."""
     L, d, F = 3, 16, 128
-    model = make_model("relu", L=L, d=d, F=F, dtype=torch.float32)
+    model = make_model("relu", L=L, d=d, F=F, dtype=torch.float32, decoders=decoders)
     W_dec = torch.cat([w.flatten() for w in model.W_dec])
-    for weights, bound in ((model.W_enc.detach().flatten(), 1 / math.sqrt(F)), (W_dec.detach(), 1 / math.sqrt(L * d))):
+    dec_bound = 1 / math.sqrt((L if decoders == "cross_layer" else 1) * d)
+    for weights, bound in ((model.W_enc.detach().flatten(), 1 / math.sqrt(F)), (W_dec.detach(), dec_bound)):
         assert weights.abs().max() <= bound
         assert weights.abs().max() > 0.99 * bound  # fills the range
         assert abs(weights.std().item() / (bound / math.sqrt(3)) - 1) < 0.05
@@ -309,10 +321,11 @@ def test_init_is_uniform_within_the_circuit_tracing_bounds() -> None:
     assert not torch.equal(model.W_enc[0], model.W_enc[1])  # each layer draws its own weights
 
 
+@pytest.mark.parametrize("decoders", DECODERS)
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_sharded_init_concatenates_to_the_single_process_weights(world_size: int) -> None:
+def test_sharded_init_concatenates_to_the_single_process_weights(world_size: int, decoders: str) -> None:
     """F = 192 spans three 64-feature init blocks; shard boundaries fall inside them for both world sizes."""
-    kw: dict[str, Any] = {"L": 3, "d": 4, "F": 192, "dtype": torch.float32, "seed": 7}
+    kw: dict[str, Any] = {"L": 3, "d": 4, "F": 192, "dtype": torch.float32, "seed": 7, "decoders": decoders}
     full = make_model("jumprelu", **kw)
     ranks = [make_model("jumprelu", shards=FeatureShards(r, world_size), **kw) for r in range(world_size)]
     per_rank = 192 // world_size

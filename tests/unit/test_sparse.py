@@ -1,4 +1,5 @@
-"""The sparse topk/batchtopk step: gradients equal the dense reference, exact k with ties, MixedAdam equals AdamW."""
+"""The sparse topk/batchtopk step: gradients equal the dense reference (cross-layer and per-layer decoders), exact k
+with ties, MixedAdam equals AdamW."""
 
 from __future__ import annotations
 
@@ -15,12 +16,15 @@ from clt_core.train.optim import MixedAdam
 from clt_core.train.step import TrainStep
 
 COMBOS = [("batchtopk", "per_layer"), ("batchtopk", "global"), ("topk", "per_layer"), ("topk", "global")]
+DECODERS = ["cross_layer", "per_layer"]
 
 
-def model_of(activation: str, scope: str, L: int = 4, d: int = 16, F: int = 64, k: float = 4) -> CrossLayerTranscoder:
-    model = CrossLayerTranscoder(
-        CLTConfig(num_layers=L, d_model=d, num_features=F, activation_fn=activation, k=k, topk_scope=scope)
-    )
+def model_of(
+    activation: str, scope: str, L: int = 4, d: int = 16, F: int = 64, k: float = 4, decoders: str = "cross_layer"
+) -> CrossLayerTranscoder:
+    cfg = CLTConfig(num_layers=L, d_model=d, num_features=F, activation_fn=activation, k=k, topk_scope=scope,
+                    decoders=decoders)  # fmt: skip
+    model = CrossLayerTranscoder(cfg)
     with torch.no_grad():  # biases away from 0, so their gradients are checked too
         model.b_enc.normal_(0, 0.1)
         model.b_dec.normal_(0, 0.1)
@@ -45,10 +49,11 @@ def dense_and_sparse_grads(model: CrossLayerTranscoder, dtype: torch.dtype, x: t
     return (loss, dense, out), (sparse_loss, sparse, sparse_out)
 
 
+@pytest.mark.parametrize("decoders", DECODERS)
 @pytest.mark.parametrize(("activation", "scope"), COMBOS)
-def test_float32_gradients_equal_the_dense_reference(activation: str, scope: str) -> None:
+def test_float32_gradients_equal_the_dense_reference(activation: str, scope: str, decoders: str) -> None:
     torch.manual_seed(0)
-    model = model_of(activation, scope)
+    model = model_of(activation, scope, decoders=decoders)
     x, y = torch.randn(32, 4, 16), torch.randn(32, 4, 16)
     (loss, dense, out), (sparse_loss, sparse, sparse_out) = dense_and_sparse_grads(model, torch.float32, x, y)
     assert torch.equal(sparse_out.acts.to_dense(32, 64), out.activations.detach())
@@ -58,22 +63,23 @@ def test_float32_gradients_equal_the_dense_reference(activation: str, scope: str
         torch.testing.assert_close(sparse[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()), msg=name)
 
 
+@pytest.mark.parametrize("decoders", DECODERS)
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled-kernels", "pytorch-kernels"])
 @pytest.mark.parametrize(("activation", "scope"), COMBOS)
 def test_bf16_gradients_are_within_a_stated_tolerance(
-    activation: str, scope: str, compiled: bool, monkeypatch: pytest.MonkeyPatch
+    activation: str, scope: str, compiled: bool, decoders: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bf16 compute copies round weights, activations and the error to 8 bits of mantissa (relative 2^-9 each):
     outputs and gradients stay within 1 % of float32 in norm, with the compiled decoder kernels (model/kernels.c) and
     with PyTorch's. The biases make the winners clear (a gap of ~1 at the threshold), so both select the same
     entries; entries that bf16 rounding swaps at a threshold are another matter (the planted-set training test bounds
-    their effect on quality)."""
+    their effect on quality). Per-layer decoders go through the same kernels with one target per source."""
     if compiled and not kernels.available(torch.empty(0, dtype=torch.bfloat16)):
         pytest.skip("no C compiler")
     if not compiled:
         monkeypatch.setattr(kernels, "available", lambda weights: False)
     torch.manual_seed(0)
-    model = model_of(activation, scope, F=256)
+    model = model_of(activation, scope, F=256, decoders=decoders)
     with torch.no_grad():
         model.b_enc.fill_(-0.5)
         model.b_enc[:, : 4 if scope == "per_layer" else 1] = 1.0
@@ -129,9 +135,10 @@ def test_mixed_adam_with_float32_gradients_equals_fused_adamw() -> None:
         assert torch.equal(p, q), name
 
 
-def test_bf16_training_step_keeps_float32_masters_and_copies_in_step() -> None:
+@pytest.mark.parametrize("decoders", DECODERS)
+def test_bf16_training_step_keeps_float32_masters_and_copies_in_step(decoders: str) -> None:
     torch.manual_seed(0)
-    model = model_of("batchtopk", "per_layer", F=64)
+    model = model_of("batchtopk", "per_layer", F=64, decoders=decoders)
     step = TrainStep(model, TrainConfig(model=model.config, precision="bf16", learning_rate=1e-2), "cpu")
     assert step.sparse and step.weights is not None
     before = model.W_dec[0].detach().clone()
