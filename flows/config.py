@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from clt_core.config import Config
 from clt_core.convert import ConvertConfig
@@ -33,8 +33,14 @@ class RegistrySettings(Config):
 
 
 class PipelineConfig(Config):
-    """extract → norm stats → scramble → train → convert → evaluate → export → register."""
+    """extract → norm stats → scramble → train → convert → evaluate → export → register; or, with `source: live`,
+    train straight from the language model → convert → evaluate → export → register."""
 
+    source: Literal["store", "live"] = "store"
+    """`store`: extract a store, scramble it and train on it (each stage cached on its inputs); `live`: train from the
+    language model as it runs (`train.live`: model, text, tokens), no store but the held-out rows training extracts
+    into its run directory, which conversion and evaluation then use. Training is cached on `train` (the live
+    model's name, not its weights: a changed file behind the same path is not noticed; `--refresh` re-runs)."""
     work_dir: str = "pipeline-output"
     """Local directory for training runs, models and exports; stores go here too unless `store_root` is set."""
     store_root: str | None = None
@@ -51,6 +57,16 @@ class PipelineConfig(Config):
     evaluate: EvaluateConfig = EvaluateConfig(spliced=True)
     """`data` and `model` default to the trained model's own store and language model."""
     registry: RegistrySettings = RegistrySettings()
+
+    @model_validator(mode="after")
+    def _source_matches_training(self) -> PipelineConfig:
+        if self.source == "live" and self.train.live is None:
+            raise ValueError("source: live needs train.live (at least model, text and tokens)")
+        if self.source == "store" and self.train.live is not None:
+            raise ValueError("train.live is set but source is store; set source: live to train from the model")
+        if self.source == "live" and not self.train.live.held_out_tokens:  # type: ignore[union-attr]
+            raise ValueError("source: live needs train.live.held_out_tokens > 0: conversion and evaluation use them")
+        return self
 
 
 def fingerprint(*parts: Any) -> str:

@@ -66,14 +66,21 @@ def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None =
     ):
         run_id = mlflow_run.info.run_id
         mlflow.log_params(flatten_params(config.model_dump(mode="json")))
-        acts_url = f"{stores}/acts-{fingerprint(config.extract, config.extract_shards)}"
-        n = config.extract_shards
-        shards = run(tasks.extract_shard).map(unmapped(acts_url), unmapped(config.extract), range(n), unmapped(n))
-        acts = run(tasks.norm_stats)(acts_url, shards.result())
-        scrambled_url = f"{stores}/scrambled-{fingerprint(acts['fingerprint'], config.scramble)}"
-        scrambled = run(tasks.scramble)(acts, scrambled_url, config.scramble)
-        run_dir = work / "runs" / f"train-{fingerprint(scrambled['fingerprint'], config.train, config.nproc)}"
-        trained = run(tasks.train)(scrambled, config.train, str(run_dir), config.nproc, run_id)
+        if config.source == "store":
+            acts_url = f"{stores}/acts-{fingerprint(config.extract, config.extract_shards)}"
+            n = config.extract_shards
+            shards = run(tasks.extract_shard).map(unmapped(acts_url), unmapped(config.extract), range(n), unmapped(n))
+            acts = run(tasks.norm_stats)(acts_url, shards.result())
+            scrambled_url = f"{stores}/scrambled-{fingerprint(acts['fingerprint'], config.scramble)}"
+            data = run(tasks.scramble)(acts, scrambled_url, config.scramble)
+        else:  # the model itself: training is keyed on its config alone
+            assert config.train.live is not None
+            data = {"url": f"live:{config.train.live.model}", "fingerprint": fingerprint(config.train.live)}
+        run_dir = work / "runs" / f"train-{fingerprint(data['fingerprint'], config.train, config.nproc)}"
+        trained = run(tasks.train)(data, config.train, str(run_dir), config.nproc, run_id)
+        if config.source == "live":  # the held-out rows training extracted stand for the store downstream
+            held = trained.pop("held_out")
+            data = acts = tasks.store_stage(held)
         trained_in = trained.pop("mlflow_run_id", None)  # not downstream: no part of a later stage's cache key
         if trained_in not in (None, run_id):  # training cached: its params and metrics are in the run that trained
             mlflow.set_tag("train_run_id", trained_in)
@@ -82,11 +89,14 @@ def clt_pipeline(config: PipelineConfig | None = None, config_file: str | None =
         evaluated = run(tasks.evaluate)(converted, config.evaluate, str(run_dir / f"evaluation-{tag}"))
         exported = run(tasks.export)(converted, str(run_dir / f"circuit-tracer-{tag}"))
         lineage = {
-            "store": acts["url"], "store_fingerprint": acts["fingerprint"], "scrambled": scrambled["url"],
-            "scrambled_fingerprint": scrambled["fingerprint"], "checkpoint": trained["url"],
+            "store": acts["url"], "store_fingerprint": acts["fingerprint"], "scrambled": data["url"],
+            "scrambled_fingerprint": data["fingerprint"], "checkpoint": trained["url"],
             "checkpoint_fingerprint": trained["fingerprint"], "model_dir": converted["url"],
             "code_version": _code_version(),
         }  # fmt: skip
+        if config.source == "live":
+            lineage |= {"source": "live", "live_model": config.train.live.model}  # type: ignore[union-attr]
+            del lineage["scrambled"], lineage["scrambled_fingerprint"]
         mlflow.set_tags(lineage)
         registered = run(tasks.register)(converted, exported, evaluated, config.registry, run_id, lineage)
         experiment_id = mlflow_run.info.experiment_id
@@ -112,11 +122,12 @@ def _summary_artifact(config: PipelineConfig, acts: dict, trained: dict, convert
                                                strict=True))
     )  # fmt: skip
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in evaluated["metrics"].items())
+    first_stage = "held-out rows (live)" if config.source == "live" else "extract + norm stats"
     markdown = f"""# clt-pipeline run
 
 | stage | output |
 |---|---|
-| extract + norm stats | `{acts["url"]}` ({acts["rows"]:,} rows) |
+| {first_stage} | `{acts["url"]}` ({acts["rows"]:,} rows) |
 | train | `{trained["url"]}` |
 | convert | `{converted["url"]}` (estimator {report.get("estimator", "?")}) |
 | register | {registered["name"]} v{registered["version"]}: {registered["reason"]} |

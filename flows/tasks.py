@@ -61,6 +61,11 @@ def _store_fingerprint(url: str) -> str:
     return fingerprint(url, info.get("created_at"), store.num_rows, info.get("model"))
 
 
+def store_stage(url: str) -> Stage:
+    """A finished store as a stage's output."""
+    return {"url": url, "fingerprint": _store_fingerprint(url), "rows": ActivationStore.open(url).num_rows}
+
+
 def _file_hash(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -86,9 +91,9 @@ def norm_stats(url: str, shards: list[Stage]) -> Stage:
     store = ActivationStore.open(url)
     if store.read_norm_stats() is None:
         compute_norm_stats(ActivationStore.open(url, mode="a"), progress=False)
-    store = ActivationStore.open(url)
-    get_run_logger().info(f"{url}: {store.num_rows:,} rows with norm stats")
-    return {"url": url, "fingerprint": _store_fingerprint(url), "rows": store.num_rows}
+    stage = store_stage(url)
+    get_run_logger().info(f"{url}: {stage['rows']:,} rows with norm stats")
+    return stage
 
 
 @task(name="scramble", **CACHED, **RETRIES)
@@ -97,7 +102,7 @@ def scramble(source: Stage, dst: str, config: ScrambleConfig) -> Stage:
 
     if not (store_exists(dst) and ActivationStore.open(dst).info.scrambled):
         get_run_logger().info(str(scramble_store(source["url"], dst, config, overwrite=True, progress=False)))
-    return {"url": dst, "fingerprint": _store_fingerprint(dst), "rows": ActivationStore.open(dst).num_rows}
+    return store_stage(dst)
 
 
 @task(name="train", **(CACHED | {"cache_policy": (INPUTS - "mlflow_run_id") + TASK_SOURCE}))
@@ -109,7 +114,10 @@ def train(data: Stage, config: TrainConfig, out_dir: str, nproc: int, mlflow_run
     import mlflow
 
     logger = get_run_logger()
-    config = config.model_copy(update={"data": data["url"], "output_dir": out_dir})
+    update: dict[str, Any] = {"output_dir": out_dir}
+    if config.live is None:  # a live run reads no store
+        update["data"] = data["url"]
+    config = config.model_copy(update=update)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     config_file = Path(out_dir) / "pipeline_train.yaml"
     config_file.write_text(config.to_yaml())
@@ -129,7 +137,9 @@ def train(data: Stage, config: TrainConfig, out_dir: str, nproc: int, mlflow_run
                 logger.info(line.rstrip())
         if proc.returncode != 0:
             raise RuntimeError(f"training exited with status {proc.returncode}; see the log above")
-    return {"url": str(final), "fingerprint": _file_hash(final / "model.safetensors"), "mlflow_run_id": trained_in}
+    held_out = Path(out_dir) / "held_out"
+    return {"url": str(final), "fingerprint": _file_hash(final / "model.safetensors"), "mlflow_run_id": trained_in,
+            **({"held_out": str(held_out.absolute())} if config.live is not None else {})}  # fmt: skip
 
 
 @task(name="convert", **CACHED)

@@ -36,7 +36,7 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
-from clt_core.data.layout import ActivationRows
+from clt_core.data.layout import ActivationRows, default_rows_per_chunk
 from clt_core.data.norm_stats import NormStatsAccumulator
 from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, nonfinite_rows
 from clt_core.errors import ConfigError, StoreError
@@ -79,8 +79,15 @@ class LiveConfig(Config):
     held_out_tokens: int = Field(16384, ge=0)
     """Rows before the training rows held out for evaluation (extracted once into `OUT/held_out`); 0: none."""
 
+    def held_out_config(self, num_layers: int, d_model: int) -> ExtractConfig:
+        """The extraction of the held-out rows (the corpus's first `held_out_tokens`) by this model, in chunks of at
+        most an eighth of them, so that conversion and evaluation can split them (`holdout_fraction`)."""
+        rows = self.held_out_tokens
+        chunk = min(default_rows_per_chunk(num_layers, d_model, "bfloat16"), 2 ** max(4, (rows // 8).bit_length() - 1))
+        return self.extract_config(rows).model_copy(update={"chunk_rows": chunk})
+
     def extract_config(self, tokens: int) -> ExtractConfig:
-        """The extraction of the first `tokens` rows of this corpus with this model (the held-out store)."""
+        """The extraction of the first `tokens` rows of this corpus with this model."""
         return ExtractConfig(
             model=self.model,
             text=self.text,

@@ -96,7 +96,7 @@ def estimate_memory(
     L, d, F = model.num_layers or 1, model.d_model or 1, model.num_features // world_size
     B = config.sampler.batch_size
     encoder = L * F * d
-    decoders = F * d * L * (L + 1) // 2
+    decoders = F * d * (L * (L + 1) // 2 if model.decoders == "cross_layer" else L)  # Σ_s targets of layer s
     biases = 2 * L * F + L * d
     params = encoder + decoders + biases
     low = 2 if compute_dtype(config) == torch.bfloat16 else 4

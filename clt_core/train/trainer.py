@@ -67,6 +67,15 @@ def _resumable_config(config: TrainConfig) -> dict[str, Any]:
     return config.model_dump(mode="json", exclude=RESUMABLE_EXCLUDE)
 
 
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's settings with those it predates at their defaults (a setting added since, at its default, is no
+    change); as saved when they no longer validate, so that the comparison names what differs."""
+    try:
+        return _resumable_config(TrainConfig.model_validate(saved))
+    except ValueError:
+        return saved
+
+
 def _differences(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
     """`key: saved -> current` for every setting that differs (nested sections flattened to `a.b`)."""
     out = []
@@ -151,39 +160,33 @@ def _open_store(config: TrainConfig) -> _Data:
 
 
 def _open_live(config: TrainConfig, shards: FeatureShards, device: str, progress: bool) -> _Data:
-    """A live source; its held-out rows extracted first (rank 0; the others wait) into `OUT/held_out`, or found
-    there when resuming."""
+    """A live source, and its held-out rows extracted (rank 0; the others wait) into `OUT/held_out`, or found there
+    when resuming."""
     live = config.live
     assert live is not None
+    import torch.distributed as dist
+
+    group = dist.new_group(backend="gloo") if shards.world_size > 1 else None
+    source = LiveSource(
+        live, config.sampler, device=device, rank=shards.rank, world_size=shards.world_size, group=group,
+        progress=progress,
+    )  # fmt: skip
+    L, d = source.num_layers, source.d_model
     held_out = None
     if live.held_out_tokens:
         url = str(Path(config.output_dir).absolute() / "held_out")
         if shards.rank == 0:
             Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-            summary = extract(url, live.extract_config(live.held_out_tokens), progress=progress)
+            summary = extract(url, live.held_out_config(L, d), progress=progress)
             log.info("held-out rows: %s", summary)
         shards.barrier()
         held_out = ActivationStore.open(url)
-    import torch.distributed as dist
-
-    group = dist.new_group(backend="gloo") if shards.world_size > 1 else None
-    source = LiveSource(
-        live,
-        config.sampler,
-        device=device,
-        rank=shards.rank,
-        world_size=shards.world_size,
-        group=group,
-        progress=progress,
-    )
-    info = held_out.info.model_dump(mode="json") if held_out is not None else source.store_info()
     record = {
         "data": held_out.url if held_out is not None else None,
         "live": live.model_dump(mode="json"),
-        "store": info,
+        "store": held_out.info.model_dump(mode="json") if held_out is not None else source.store_info(),
         "sampler": config.sampler.model_dump(),
     }
-    L, d = source.num_layers, source.d_model
     buffers = (live.prefetch_buffers + 2) * live.shuffle_rows * L * d * 2 * source.dtype.itemsize
     rows = (0, held_out.num_rows) if held_out is not None else None
     return _Data(L, d, source, held_out, rows, record, buffers + source.model_bytes())
@@ -222,7 +225,7 @@ def _train(
     step = 0
     existing = checkpoints(out_dir, warn=resume)
     if resume and existing:
-        saved = read_trainer_state(existing[-1])["config"]  # compared before any weight is loaded
+        saved = _with_defaults(read_trainer_state(existing[-1])["config"])  # compared before any weight is loaded
         if changed := _differences(saved, _resumable_config(config)):
             raise ConfigError(
                 f"{existing[-1]} was trained with other settings ({'; '.join(changed[:4])}"

@@ -67,3 +67,27 @@ def test_stages_run_then_cache_then_rerun_from_training(
         tmp_path / "got" / "native" / "config.json"
     ).exists()
     assert main(["models", "get", "missing@champion", "--out", str(tmp_path / "x"), "--tracking-uri", uri]) == 2
+
+
+def test_a_live_pipeline_trains_from_the_model_then_converts_evaluates_and_registers(
+    prefect_harness, tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    from flows.config import PipelineConfig
+
+    base = pipeline_config(tiny_dirs["llama"], tmp_path / "work").model_dump(mode="json")
+    base["source"] = "live"
+    extract = base["extract"]
+    base["train"]["live"] = {"model": extract["model"], "text": extract["text"], "tokens": 5120,
+                             "context_size": 64, "compute_dtype": "float32", "shuffle_rows": 1024,
+                             "held_out_tokens": 2048}  # fmt: skip
+    config = PipelineConfig.from_dict(base)
+    first, states, flow_run_id = run_pipeline(config)
+    assert sorted(states) == ["convert", "evaluate", "export", "register", "train"]  # no store stages
+    assert all(s == ["Completed"] for s in states.values()), states
+    assert first["registered"]["promoted"] and first["store"].endswith("held_out")
+    assert "held-out rows (live)" in summary_artifact(flow_run_id)
+    run = MlflowClient(tracking_uri(config)).get_run(first["mlflow_run_id"])
+    assert run.data.params["train/training_steps"] == "20" and run.data.tags["source"] == "live"  # 5120 / 256
+
+    second, states, _ = run_pipeline(config)
+    assert set(states["train"]) == {"Cached"} and second["checkpoint"] == first["checkpoint"]

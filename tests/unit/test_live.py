@@ -136,3 +136,17 @@ def test_bad_live_input_is_one_clear_line(tiny_dirs: dict[str, Path], tmp_path: 
         TrainConfig.from_dict({"data": str(tmp_path), "live": {"tokens": 100}})
     with pytest.raises(CLTError, match="less than one batch"):
         TrainConfig.from_dict({"live": {"tokens": 100}, "sampler": {"batch_size": 4096}})
+
+
+def test_the_pipeline_source_and_its_training_settings_must_agree() -> None:
+    from flows.config import PipelineConfig
+
+    live_train = {"live": {"model": "m", "text": {"source": "packaged:kjv"}, "tokens": 8192}}
+    assert PipelineConfig.from_dict({"source": "live", "train": live_train}).train.live is not None
+    with pytest.raises(CLTError, match=r"needs train\.live"):
+        PipelineConfig.from_dict({"source": "live"})
+    with pytest.raises(CLTError, match="set source: live"):
+        PipelineConfig.from_dict({"train": live_train})
+    no_held_out = {"live": {**live_train["live"], "held_out_tokens": 0}}
+    with pytest.raises(CLTError, match="held_out_tokens"):
+        PipelineConfig.from_dict({"source": "live", "train": no_held_out})

@@ -189,6 +189,22 @@ def test_a_finished_or_mismatched_run_is_refused(store: str, tmp_path: Path) -> 
         train(config(None, tmp_path / "nodata"), progress=False)
 
 
+def test_a_checkpoint_from_before_a_new_setting_resumes(store: str, tmp_path: Path) -> None:
+    cfg = config(store, tmp_path / "run", training_steps=10, checkpoint_interval=5)
+    train(cfg, progress=False)
+    state_file = tmp_path / "run" / "checkpoints" / "step_10" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["model"]["decoders"], state["config"]["live"]  # as written before those settings existed
+    state_file.write_text(json.dumps(state))
+    assert train(cfg.model_copy(update={"training_steps": 12}), resume=True, progress=False).steps == 12
+    state_file = tmp_path / "run" / "checkpoints" / "step_12" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["decoders"] = "per_layer"  # a real difference is still refused
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(CLTError, match="decoders"):
+        train(cfg.model_copy(update={"training_steps": 14}), resume=True, progress=False)
+
+
 def test_checkpoints_load_as_models_and_old_ones_are_pruned(store: str, tmp_path: Path) -> None:
     result = train(config(store, tmp_path / "run", training_steps=30, keep_checkpoints=2), progress=False)
     assert [p.name for p in checkpoints(result.output_dir)] == ["step_20", "step_30"]
