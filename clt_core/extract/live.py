@@ -42,7 +42,7 @@ from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, nonf
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.extractor import COMPUTE_DTYPES, DEFAULT_BOS, ExtractConfig
 from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
-from clt_core.lm.corpora import TextConfig
+from clt_core.lm.corpora import TextConfig, source_name
 from clt_core.lm.loading import LoadedModel, resolve_model
 from clt_core.lm.windows import PackedWindow, batched_windows, corpus_rows, iter_windows, rows_between
 from clt_core.model import kernels
@@ -151,8 +151,8 @@ class LiveSource:
         if available.rows < need:
             raise ConfigError(
                 f"--tokens {config.tokens:,} (+ {config.held_out_tokens:,} held out) is more than the corpus "
-                f"{self.text.source!r} holds at context size {config.context_size}: {available.rows:,} rows; lower "
-                "--tokens or add text"
+                f"{source_name(self.text)!r} holds at context size {config.context_size}: {available.rows:,} rows; "
+                "lower --tokens or add text"
             )
         self.num_layers, self.d_model = loaded.num_layers, loaded.d_model
         # `store`: what a store extracted by default holds (bf16), so that a live run trains on the very values an
@@ -193,7 +193,7 @@ class LiveSource:
             },
             "context_size": self.config.context_size,
             "hook_templates": self.points.as_dict(),
-            "text_dataset": self.text.source,
+            "text_dataset": source_name(self.text),
         }
 
     def model_bytes(self) -> int:

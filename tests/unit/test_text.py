@@ -231,6 +231,21 @@ def test_txt_files_by_file_paragraph_and_line(tmp_path):
     assert globbed == ["first file\n"]
 
 
+def test_several_sources_in_turn_and_a_shuffled_document_order(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n\nthree\n")
+    (tmp_path / "b.txt").write_text("four\n\nfive\n")
+    sources = [str(tmp_path / "b.txt"), str(tmp_path / "a.txt")]
+    config = TextConfig(source=sources, txt_documents="paragraph")
+    assert list(iter_documents(config)) == ["four", "five", "one", "two", "three"]
+    shuffled = [list(iter_documents(config.model_copy(update={"shuffle_documents": seed}))) for seed in (0, 0, 1)]
+    assert shuffled[0] == shuffled[1] != shuffled[2]  # deterministic in the seed
+    assert sorted(shuffled[0]) == sorted(iter_documents(config)) and shuffled[0] != list(iter_documents(config))
+    with pytest.raises(CLTError, match="no such"):  # every source is checked at once, not when its turn comes
+        iter_documents(TextConfig(source=[str(tmp_path / "a.txt"), str(tmp_path / "missing.txt")]))
+    with pytest.raises(CLTError, match="empty list"):
+        iter_documents(TextConfig(source=[]))
+
+
 def test_jsonl_and_parquet_rows(tmp_path):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")
