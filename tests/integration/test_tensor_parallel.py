@@ -327,3 +327,24 @@ def test_clt_train_with_nproc_2_trains_under_torchrun_and_saves_an_unsharded_mod
     expected |= {f"W_dec.{s}": (F, L - s, d) for s in range(L)}
     assert {k: tuple(v.shape) for k, v in weights.items()} == expected
     assert sorted(step_metrics(out)) == list(range(1, steps + 1))
+
+
+def test_a_live_run_on_2_ranks_shares_the_forward_passes_and_trains_as_one_process(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Each rank runs the language model on its share of a buffer's windows and the ranks all-gather the rows, so
+    the 2-rank run trains on the batches of the 1-rank run: the same losses and weights to float32 noise."""
+    args = [sys.executable, "-m", "clt_core.cli", "train", "--quiet", "--model", str(tiny_dirs["llama"]),
+            "--text", "packaged:kjv", "--tokens", "2000", "--context-size", "16", "--forward-batch", "4",
+            "--shuffle-rows", "400", "--held-out-tokens", "256", "--compute-dtype", "float32", "--num-features", "64",
+            "--activation-fn", "batchtopk", "--k", "4", "--batch-size", "100", "--precision", "fp32",
+            "--learning-rate", "1e-3", "--log-interval", "1", "--eval-interval", "10",
+            "--eval-rows", "256"]  # fmt: skip
+    env = child_env(tmp_path)
+    for nproc in (1, 2):
+        done = run_subprocess([*args, "--nproc", str(nproc), "--out", str(tmp_path / str(nproc))], env, tmp_path)
+        assert done.returncode == 0, done.stdout
+    one, two = step_metrics(tmp_path / "1"), step_metrics(tmp_path / "2")
+    assert sorted(one) == sorted(two) == list(range(1, 21))  # 2,000 tokens / 100 a batch
+    assert max_relative_difference(one, two, range(1, 21)) <= RTOL
+    assert_same_weights(tmp_path / "1", tmp_path / "2")
