@@ -36,7 +36,7 @@ from clt_core.devices import resolve_device
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.writer import BackgroundWriter
 from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
-from clt_core.lm.corpora import TextConfig
+from clt_core.lm.corpora import TextConfig, source_name
 from clt_core.lm.loading import LoadedModel, resolve_model
 from clt_core.lm.windows import batched_windows, corpus_rows, iter_windows, rows_between
 
@@ -111,7 +111,7 @@ def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoint
         },
         "context_size": config.context_size,
         "hook_templates": points.as_dict(),
-        "text_dataset": config.text.source,
+        "text_dataset": source_name(config.text),
         "extraction": {
             "tokens": config.tokens,
             "text": config.text.model_dump(mode="json"),

@@ -150,3 +150,11 @@ def test_the_pipeline_source_and_its_training_settings_must_agree() -> None:
     no_held_out = {"live": {**live_train["live"], "held_out_tokens": 0}}
     with pytest.raises(CLTError, match="held_out_tokens"):
         PipelineConfig.from_dict({"source": "live", "train": no_held_out})
+
+
+def test_a_corpus_of_several_sources_extracts_and_is_recorded_by_name(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    text = TextConfig(source=["packaged:kjv", "packaged:kjv"], shuffle_documents=1, max_documents=40)
+    extract(str(tmp_path / "s"), live(tiny_dirs["llama"], text=text).extract_config(200), progress=False)
+    assert ActivationStore.open(str(tmp_path / "s")).info.text_dataset == "packaged:kjv + packaged:kjv"
