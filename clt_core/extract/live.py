@@ -25,8 +25,6 @@ the same batches.
 from __future__ import annotations
 
 import math
-import queue
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -39,6 +37,7 @@ from clt_core.config import Config
 from clt_core.data.layout import ActivationRows, default_rows_per_chunk
 from clt_core.data.norm_stats import NormStatsAccumulator
 from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, nonfinite_rows
+from clt_core.data.stream import BlockStream
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.extractor import COMPUTE_DTYPES, DEFAULT_BOS, ExtractConfig
 from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
@@ -117,9 +116,9 @@ class _Buffer:
         return sum(int(w.keep.sum()) for w in self.windows)
 
 
-class LiveSource:
-    """Endless-until-`tokens` iterator of shuffled `ActivationRows` batches computed by the language model; the
-    interface of `ActivationSampler` (`start`, `next`, `state_dict`, `load_state_dict`, `read_ahead_until`,
+class LiveSource(BlockStream):
+    """Iterator of shuffled `ActivationRows` batches computed by the language model, until its `tokens` are used;
+    the interface of `ActivationSampler` (`start`, `next`, `state_dict`, `load_state_dict`, `read_ahead_until`,
     `close`, `normalizer`). See the module docstring."""
 
     def __init__(
@@ -133,6 +132,7 @@ class LiveSource:
         group: Any = None,
         progress: bool = True,
     ) -> None:
+        super().__init__(sampler.batch_size, config.prefetch_buffers)
         self.config, self.sampler = config, sampler
         self.rank, self.world_size, self.group = rank, world_size, group
         self.device = device
@@ -159,19 +159,10 @@ class LiveSource:
         # extract-then-train run does
         self.dtype = torch.bfloat16 if sampler.dtype == "store" else OUTPUT_DTYPES[sampler.dtype]
         self.normalizer: Normalizer | None = None
-        self.position = 0
         self._capture = NNsightCapture(loaded.model, self.points)
         text_rows = config.context_size - int(self.text.add_bos)
         self.buffer_windows = max(1, math.ceil(config.shuffle_rows / text_rows))
         self._skipped: dict[int, int] = {}  # buffer -> rows left out for NaN/Inf (`nonfinite: skip`)
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue[Any] = queue.Queue()
-        self._room = threading.Condition()
-        self._ahead = 0
-        self._read_until: int | None = None
-        self._stop = threading.Event()
-        self._current: ActivationRows | None = None
-        self._offset = 0
 
     @property
     def url(self) -> str:
@@ -313,87 +304,14 @@ class LiveSource:
             out = ActivationRows(*(t[keep] for t in out))
         return out
 
-    def _produce(self, first: int, start: int) -> None:
-        """Background loop: buffers from `first` on, at most `prefetch_buffers` ahead of the consumer's; `start` is
-        the stream position of buffer `first`."""
-        try:
-            for buffer in self._buffers():
-                if buffer.index < first:
-                    continue
-                if not self._wait_for_room(start):
-                    return
-                item = self._fill(buffer)
-                start += len(item.token_ids)
-                self._queue.put(item)
-            self._queue.put(None)  # the end of the training rows
-        except BaseException as exc:  # surfaced in the consumer
-            self._queue.put(exc)
+    def _blocks(self, where: int) -> Iterator[ActivationRows]:
+        return (self._fill(buffer) for buffer in self._buffers() if buffer.index >= where)
 
-    def _wait_for_room(self, start: int) -> bool:
-        with self._room:
-            while not self._stop.is_set():
-                limit = self._read_until
-                if self._ahead < self.config.prefetch_buffers and (limit is None or start < limit):
-                    self._ahead += 1
-                    return True
-                self._room.wait(timeout=0.1)
-        return False
+    def _end(self) -> StoreError:
+        return StoreError(f"{self.url}: all {self.config.tokens:,} training rows are used; raise --tokens")
 
-    def _next_buffer(self, row: int) -> ActivationRows:
-        if self._read_until is not None and row >= self._read_until:
-            self.read_ahead_until(None)
-        item = self._queue.get()
-        if item is None:
-            raise StoreError(f"{self.url}: all {self.config.tokens:,} training rows are used; raise --tokens")
-        if isinstance(item, BaseException):
-            self.close()
-            if isinstance(item, StoreError | ConfigError):
-                raise item
-            raise StoreError(f"{self.url}: computing a training buffer failed: {item}") from item
-        with self._room:
-            self._ahead -= 1
-            self._room.notify_all()
-        return item
-
-    def read_ahead_until(self, position: int | None) -> None:
-        """Compute no buffer ahead that starts at or after stream `position` (None: no limit); only a hint."""
-        with self._room:
-            self._read_until = position
-            self._room.notify_all()
-
-    # ------------------------------------------------------------- iteration
-    def __iter__(self) -> Iterator[ActivationRows]:
-        return self
-
-    def start(self) -> None:
-        """Start the background forward passes and wait for the first buffer (the warm-up: after it the normaliser
-        is known); `next` does this itself when needed."""
-        if self._thread is None:
-            index, offset = self._locate(self.position)
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._produce, args=(index, self.position - offset), daemon=True)
-            self._thread.start()
-            self._current, self._offset = self._next_buffer(self.position), offset
-
-    def __next__(self) -> ActivationRows:
-        self.start()
-        pieces: list[ActivationRows] = []
-        need = self.sampler.batch_size
-        while need:
-            assert self._current is not None
-            available = len(self._current.token_ids) - self._offset
-            if available == 0:
-                self._current, self._offset = self._next_buffer(self.position + self.sampler.batch_size - need), 0
-                continue
-            take = min(need, available)
-            sl = slice(self._offset, self._offset + take)
-            pieces.append(ActivationRows(*(t[sl] for t in self._current)))
-            self._offset += take
-            need -= take
-        self.position += self.sampler.batch_size
-        if len(pieces) == 1:
-            return pieces[0]
-        return ActivationRows(*(torch.cat(ts) for ts in zip(*pieces, strict=True)))
+    def _failure(self, error: BaseException) -> StoreError:
+        return StoreError(f"{self.url}: computing a training buffer failed: {error}")
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -424,23 +342,3 @@ class LiveSource:
         self._skipped = {int(b): int(n) for b, n in state.get("nonfinite_skipped", {}).items()}
         if normalizer is not None or self.sampler.normalization_method == "none":
             self.normalizer = normalizer
-
-    def close(self) -> None:
-        """Stop the background thread (the source can be iterated again afterwards)."""
-        if self._thread is not None:
-            self._stop.set()
-            while self._thread.is_alive():
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    self._thread.join(timeout=0.05)
-            self._thread = None
-        self._queue = queue.Queue()
-        self._ahead = 0
-        self._current, self._offset = None, 0
-
-    def __enter__(self) -> LiveSource:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()

@@ -196,7 +196,8 @@ def _train(
     config: TrainConfig, shards: FeatureShards, device: str, resume: bool, progress: bool, progress_every: float | None
 ) -> TrainResult:
     out_dir = Path(config.output_dir)
-    data = _open_store(config) if config.data is not None else _open_live(config, shards, device, progress)
+    bars = progress and progress_every is None  # progress lines for logs: no extraction bars either
+    data = _open_store(config) if config.data is not None else _open_live(config, shards, device, bars)
     geometry = {"num_layers": data.num_layers, "d_model": data.d_model}
     what = f"the store {config.data}" if config.data is not None else f"the model {config.live and config.live.model}"
     for key, value in geometry.items():
