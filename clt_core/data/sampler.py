@@ -19,7 +19,6 @@ records how many rows each chunk lost, so a resumed stream still finds its place
 from __future__ import annotations
 
 import math
-import queue
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +33,7 @@ from clt_core.config import Config
 from clt_core.data.layout import ActivationRows
 from clt_core.data.norm_stats import NormStats, finite_rows
 from clt_core.data.store import ActivationStore
+from clt_core.data.stream import BlockStream
 from clt_core.errors import ConfigError, StoreError
 from clt_core.model import kernels
 
@@ -207,12 +207,13 @@ class _Window:
     rows: int
 
 
-class ActivationSampler:
+class ActivationSampler(BlockStream):
     """Endless iterator of shuffled `ActivationRows` batches for one rank; see the module docstring."""
 
     def __init__(self, store: ActivationStore, config: SamplerConfig, *, rank: int = 0, world_size: int = 1) -> None:
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+        super().__init__(config.batch_size, config.prefetch_windows)
         self.store = store
         self.config = config
         self.rank = rank
@@ -230,15 +231,6 @@ class ActivationSampler:
             )
         self.normalizer = make_normalizer(store, config.normalization_method)
         self.dtype = output_dtype(store, config)
-        self.position = 0
-        self._thread: threading.Thread | None = None
-        self._queue: queue.Queue[Any] = queue.Queue()  # holds at most prefetch_windows windows (see _room)
-        self._room = threading.Condition()
-        self._ahead = 0  # windows the producer has started and the consumer not yet taken
-        self._read_until: int | None = None  # see read_ahead_until
-        self._stop = threading.Event()
-        self._current: ActivationRows | None = None
-        self._offset = 0
         self._pool = ThreadPoolExecutor(config.read_workers, thread_name_prefix="clt-sampler-read")
         self._skipped: dict[int, int] = {}  # chunk -> rows left out for NaN/Inf (`nonfinite: skip`)
         self._skipped_lock = threading.Lock()
@@ -262,15 +254,15 @@ class ActivationSampler:
         """Rows a window adds to the stream: its rows less those skipped for NaN/Inf (known once it was read)."""
         return window.rows - sum(self._skipped.get(chunk, 0) for chunk in window.chunks)
 
-    def _locate(self, position: int) -> tuple[int, int, int]:
-        """(epoch, window number within this rank's epoch, row offset) of a stream position."""
+    def _locate(self, position: int) -> tuple[tuple[int, int], int]:
+        """((epoch, window number within this rank's epoch), row offset) of a stream position."""
         epoch = 0
         while True:
             windows = self._epoch_windows(epoch)
             for number, window in enumerate(windows):
                 rows = self._stream_rows(window)
                 if position < rows:
-                    return epoch, number, position
+                    return (epoch, number), position
                 position -= rows
             epoch += 1
 
@@ -329,105 +321,31 @@ class ActivationSampler:
         window.token_ids.index_copy_(0, positions, raw.token_ids)
         return _apply_policy(self.store, bad, lo, self.config.nonfinite)
 
-    def _produce(self, epoch: int, number: int, start: int) -> None:
-        """Background loop: windows in stream order (the first one starting at stream position `start`), at most
-        `prefetch_windows` of them read or ready ahead of the consumer's: reading further ahead only costs memory
-        and CPU that the training step needs (and a run's last windows would be read for nothing)."""
-        try:
-            empty = 0  # windows in a row left with no row at all
-            for window in self._windows_from(epoch, number):
-                if not self._wait_for_room(start):
-                    return
-                item, keep, reads = self._start_reads(window)
-                for read in reads:
-                    read.result()
-                if not keep.all():
-                    item = ActivationRows(*(t[keep] for t in item))
-                empty = 0 if len(item.token_ids) else empty + 1
-                if empty > self._max_empty_windows:
-                    raise StoreError(
-                        f"{self.store.url}: a whole epoch of training rows holds NaN/Inf; nothing left to train "
-                        f"on (`clt verify {self.store.url}` lists the rows)"
-                    )
-                start += len(item.token_ids)
-                self._queue.put(item)
-        except BaseException as exc:  # surfaced in the consumer
-            self._queue.put(exc)
+    def _blocks(self, where: tuple[int, int]) -> Iterator[ActivationRows]:
+        """The windows from `where` on, read, each once the background thread asks for it; a run of windows longer
+        than an epoch without a single finite row is an error."""
+        empty = 0  # windows in a row left with no row at all
+        for window in self._windows_from(*where):
+            item, keep, reads = self._start_reads(window)
+            for read in reads:
+                read.result()
+            if not keep.all():
+                item = ActivationRows(*(t[keep] for t in item))
+            empty = 0 if len(item.token_ids) else empty + 1
+            if empty > self._max_empty_windows:
+                raise StoreError(
+                    f"{self.store.url}: a whole epoch of training rows holds NaN/Inf; nothing left to train on "
+                    f"(`clt verify {self.store.url}` lists the rows)"
+                )
+            yield item
 
-    def _wait_for_room(self, start: int) -> bool:
-        """Wait until a window starting at stream position `start` may be read: fewer than `prefetch_windows` are
-        ahead of the consumer's, and `start` is before the read-ahead limit. False once the sampler is stopping."""
-        with self._room:
-            while not self._stop.is_set():
-                limit = self._read_until
-                if self._ahead < self.config.prefetch_windows and (limit is None or start < limit):
-                    self._ahead += 1
-                    return True
-                self._room.wait(timeout=0.1)
-        return False
-
-    def _next_window(self, row: int) -> ActivationRows:
-        """The next window of the stream, whose rows the caller needs from stream position `row` on."""
-        if self._read_until is not None and row >= self._read_until:
-            self.read_ahead_until(None)  # asked past the limit: read on
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self.close()
-            if isinstance(item, StoreError):
-                raise item
-            raise StoreError(f"{self.store.url}: reading a training window failed: {item}") from item
-        with self._room:  # this window is the consumer's now: the producer may read one more ahead
-            self._ahead -= 1
-            self._room.notify_all()
-        return item
-
-    def read_ahead_until(self, position: int | None) -> None:
-        """Read no window ahead that starts at or after stream `position` (None: no limit), e.g. the position after
-        a run's last batch, so that the windows after it are not read for nothing. Only a hint: batches past it are
-        still served (read when asked for)."""
-        with self._room:
-            self._read_until = position
-            self._room.notify_all()
-
-    # ------------------------------------------------------------- iteration
-    def __iter__(self) -> Iterator[ActivationRows]:
-        return self
-
-    def start(self) -> None:
-        """Start the background reads and wait for the first window, so that its errors (unreadable chunks, rows
-        holding NaN/Inf) surface now; `next` does this itself when needed."""
-        if self._thread is None:
-            epoch, number, offset = self._locate(self.position)
-            self._stop.clear()
-            args = (epoch, number, self.position - offset)
-            self._thread = threading.Thread(target=self._produce, args=args, daemon=True)
-            self._thread.start()
-            self._current, self._offset = self._next_window(self.position), offset
-
-    def __next__(self) -> ActivationRows:
-        self.start()
-        pieces: list[ActivationRows] = []
-        need = self.config.batch_size
-        while need:
-            assert self._current is not None
-            available = len(self._current.token_ids) - self._offset
-            if available == 0:
-                self._current, self._offset = self._next_window(self.position + self.config.batch_size - need), 0
-                continue
-            take = min(need, available)
-            sl = slice(self._offset, self._offset + take)
-            pieces.append(ActivationRows(*(t[sl] for t in self._current)))
-            self._offset += take
-            need -= take
-        self.position += self.config.batch_size
-        if len(pieces) == 1:
-            return pieces[0]
-        return ActivationRows(*(torch.cat(ts) for ts in zip(*pieces, strict=True)))
+    def _failure(self, error: BaseException) -> StoreError:
+        return StoreError(f"{self.store.url}: reading a training window failed: {error}")
 
     @property
     def epoch(self) -> int:
         """The epoch the next batch starts in."""
-        return self._locate(self.position)[0]
+        return self._locate(self.position)[0][0]
 
     # ----------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -468,26 +386,6 @@ class ActivationSampler:
         self.close()
         self.position = int(state["position"])
         self._skipped = {int(c): int(n) for c, n in state.get("nonfinite_skipped", {}).items()}
-
-    def close(self) -> None:
-        """Stop the background thread (the sampler can be iterated again afterwards)."""
-        if self._thread is not None:
-            self._stop.set()
-            while self._thread.is_alive():
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    self._thread.join(timeout=0.05)
-            self._thread = None
-        self._queue = queue.Queue()
-        self._ahead = 0
-        self._current, self._offset = None, 0
-
-    def __enter__(self) -> ActivationSampler:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
 
 
 def held_out_range(store: ActivationStore, holdout_fraction: float) -> tuple[int, int]:
