@@ -218,57 +218,76 @@ class LiveSource(BlockStream):
             position -= rows
         raise StoreError(f"{self.url}: stream position past the {self.config.tokens:,} training rows")
 
-    def _forward(self, windows: list[PackedWindow]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kept rows of `windows` (inputs, targets in the compute dtype, token ids), one forward per `forward_batch`
-        windows."""
-        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for batch in batched_windows(windows, self.config.forward_batch):
-            ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(self.device)
-            keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(self.device)
-            inputs, targets = self._capture(ids)
-            parts.append((inputs[keep].cpu(), targets[keep].cpu(), ids[keep].to(torch.int32).cpu()))
-        if not parts:
-            shape = (0, self.num_layers, self.d_model)
-            empty = torch.empty(shape, dtype=COMPUTE_DTYPES[self.config.compute_dtype])
-            return empty, empty.clone(), torch.empty(0, dtype=torch.int32)
-        if len(parts) == 1:
-            return parts[0]
-        x, y, t = zip(*parts, strict=True)
-        return torch.cat(x), torch.cat(y), torch.cat(t)
+    def _forward(self, batch: list[PackedWindow]) -> ActivationRows:
+        """The kept rows of one forward pass over `batch`, inputs and targets in the compute dtype."""
+        ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(self.device)
+        keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(self.device)
+        inputs, targets = self._capture(ids)
+        return ActivationRows(inputs[keep].cpu(), targets[keep].cpu(), ids[keep].to(torch.int32).cpu())
 
-    def _buffer_rows(self, buffer: _Buffer) -> ActivationRows:
-        """The buffer's rows in window order (raw activations): this rank's share computed here, the others'
-        gathered from their ranks."""
-        windows = list(buffer.windows)
+    def _batch_rows(self, batches: list[list[PackedWindow]]) -> Iterator[tuple[int, ActivationRows]]:
+        """(batch index, its rows) for every forward batch of a buffer. With several ranks, rank r computes batches
+        r, r + world_size, ... and each round's rows are all-gathered, so every rank gets every batch."""
         if self.world_size == 1:
-            return ActivationRows(*self._forward(windows))
+            for b, batch in enumerate(batches):
+                yield b, self._forward(batch)
+            return
         import torch.distributed as dist
 
-        # Contiguous shares of windows, in forward batches: rank r computes share r.
-        batches = list(batched_windows(windows, self.config.forward_batch))
-        bounds = np.linspace(0, len(batches), self.world_size + 1).round().astype(int)
-        shares = [[w for b in batches[bounds[r] : bounds[r + 1]] for w in b] for r in range(self.world_size)]
-        counts = [sum(int(w.keep.sum()) for w in share) for share in shares]
-        mine = self._forward(shares[self.rank])
-        longest = max(counts)
-        gathered = []
-        for part in mine:
-            padded = torch.zeros((longest, *part.shape[1:]), dtype=part.dtype)
-            padded[: len(part)] = part
-            out = [torch.empty_like(padded) for _ in range(self.world_size)]
-            dist.all_gather(out, padded, group=self.group)
-            gathered.append(torch.cat([o[:c] for o, c in zip(out, counts, strict=True)]))
-        return ActivationRows(*gathered)
+        for first in range(0, len(batches), self.world_size):
+            members = list(range(first, min(first + self.world_size, len(batches))))
+            counts = [sum(int(w.keep.sum()) for w in batches[b]) for b in members]
+            mine = first + self.rank
+            part = self._forward(batches[mine]) if mine in members else None
+            gathered: list[list[torch.Tensor]] = []
+            for i in range(3):
+                like = (torch.empty(0, self.num_layers, self.d_model) if i < 2 else torch.empty(0)).to(
+                    COMPUTE_DTYPES[self.config.compute_dtype] if i < 2 else torch.int32
+                )
+                local = part[i] if part is not None else like
+                padded = torch.zeros((max(counts), *local.shape[1:]), dtype=local.dtype)
+                padded[: len(local)] = local
+                out = [torch.empty_like(padded) for _ in range(self.world_size)]
+                dist.all_gather(out, padded, group=self.group)
+                gathered.append(out)
+            for j, b in enumerate(members):
+                yield b, ActivationRows(*(gathered[i][j][: counts[j]] for i in range(3)))
+
+    def _place(self, rows: ActivationRows, out: ActivationRows, dest: torch.Tensor, bad: torch.Tensor) -> None:
+        """Rows into `out` at positions `dest`, normalised with `self.normalizer` (raw while it is unknown) and
+        converted, NaN/Inf rows flagged in `bad`; values rounded to the batches' dtype first, as a store of that
+        dtype holds them."""
+        x, y = rows.inputs, rows.targets
+        if self.dtype.itemsize < x.dtype.itemsize:
+            x, y = x.to(self.dtype), y.to(self.dtype)
+        norm = self.normalizer
+        if x.dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(x):
+            affine = (
+                (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
+            )
+            kernels.prepare_rows(x.contiguous(), affine[0], affine[1], out.inputs, dest, bad)
+            kernels.prepare_rows(y.contiguous(), affine[2], affine[3], out.targets, dest, bad)
+        else:
+            bad |= nonfinite_rows(ActivationRows(x, y, rows.token_ids))
+            out.inputs.index_copy_(0, dest, (norm.inputs(x) if norm else x).to(self.dtype))
+            out.targets.index_copy_(0, dest, (norm.targets(y) if norm else y).to(self.dtype))
+        out.token_ids.index_copy_(0, dest, rows.token_ids)
+
+    def _normalise_in_place(self, out: ActivationRows, block: int = 1024) -> None:
+        """The warm-up buffer, placed raw, normalised a block of rows at a time (bounded temporaries)."""
+        for lo in range(0, len(out.token_ids), block):
+            hi = min(lo + block, len(out.token_ids))
+            raw = ActivationRows(*(t[lo:hi].clone() for t in out))
+            self._place(raw, out, torch.arange(lo, hi), torch.zeros(hi - lo, dtype=torch.bool))
 
     def _fill(self, buffer: _Buffer) -> ActivationRows:
-        """A buffer's rows computed, permuted, normalised (the warm-up buffer first sets the statistics) and
-        converted; rows holding NaN/Inf dropped (`skip`) or refused (`error`)."""
-        raw = self._buffer_rows(buffer)
-        n = len(raw.token_ids)
-        if self.normalizer is None and self.sampler.normalization_method != "none":
-            stats = NormStatsAccumulator(self.num_layers, self.d_model)
-            stats.update(raw.inputs, raw.targets)
-            self.normalizer = Normalizer.from_stats(stats.result())
+        """A buffer's rows computed a forward batch at a time, each placed straight at its permuted positions,
+        normalised and converted (the warm-up buffer's after its moments set the normaliser); rows holding NaN/Inf
+        dropped (`skip`) or refused (`error`)."""
+        batches = list(batched_windows(list(buffer.windows), self.config.forward_batch))
+        counts = [sum(int(w.keep.sum()) for w in batch) for batch in batches]
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+        n = int(starts[-1])
         positions = torch.from_numpy(np.random.default_rng([self.sampler.seed, 1, buffer.index]).permutation(n))
         shape = (n, self.num_layers, self.d_model)
         out = ActivationRows(
@@ -276,21 +295,17 @@ class LiveSource(BlockStream):
             torch.empty(shape, dtype=self.dtype),
             torch.empty(n, dtype=torch.int32),
         )
-        norm = self.normalizer
-        if raw.inputs.dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(raw.inputs):
-            bad = torch.zeros(n, dtype=torch.bool)
-            affine = (
-                (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
-            )
-            kernels.prepare_rows(raw.inputs.contiguous(), affine[0], affine[1], out.inputs, positions, bad)
-            kernels.prepare_rows(raw.targets.contiguous(), affine[2], affine[3], out.targets, positions, bad)
-        else:
-            bad = nonfinite_rows(raw)
-            x = norm.inputs(raw.inputs) if norm else raw.inputs
-            y = norm.targets(raw.targets) if norm else raw.targets
-            out.inputs.index_copy_(0, positions, x.to(self.dtype))
-            out.targets.index_copy_(0, positions, y.to(self.dtype))
-        out.token_ids.index_copy_(0, positions, raw.token_ids)
+        bad = torch.zeros(n, dtype=torch.bool)  # in window order
+        warm_up = self.normalizer is None and self.sampler.normalization_method != "none"
+        stats = NormStatsAccumulator(self.num_layers, self.d_model) if warm_up else None
+        for b, rows in self._batch_rows(batches):
+            lo, hi = starts[b], starts[b + 1]
+            if stats is not None:  # of the values a store would hold
+                stats.update(rows.inputs.to(self.dtype), rows.targets.to(self.dtype))
+            self._place(rows, out, positions[lo:hi], bad[lo:hi])
+        if stats is not None:
+            self.normalizer = Normalizer.from_stats(stats.result())
+            self._normalise_in_place(out)
         if bad.any():
             if self.sampler.nonfinite == "error":
                 raise StoreError(

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from clt_core.data.sampler import SamplerConfig
+from clt_core.data.sampler import SamplerConfig, held_out_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import CLTError
 from clt_core.extract.extractor import extract
@@ -59,6 +59,17 @@ def test_the_stream_is_the_extracted_rows_after_the_held_out_ones_shuffled(
     assert sorted(got) == sorted(row_keys(stored.inputs, stored.targets)), "the same rows, bit for bit"
     # positions in the stream mix windows from all over a span: the first batch holds rows of many windows
     assert len(set(batches[0].token_ids.tolist())) > 40
+
+    # Normalised (by the first buffer's moments, the warm-up): the store's rows normalised the same way, exactly.
+    with LiveSource(cfg, sampler.model_copy(update={"normalization_method": "auto"}), progress=False) as source:
+        normalised = [next(source) for _ in range(12)]
+        assert source.normalizer is not None
+        store = ActivationStore.open(str(tmp_path / "s"))
+        rows = (cfg.held_out_tokens, cfg.held_out_tokens + cfg.tokens)
+        expected = list(held_out_batches(store, source.normalizer, rows=rows, sampler=SamplerConfig()))
+    got = row_keys(torch.cat([b.inputs for b in normalised]), torch.cat([b.targets for b in normalised]))
+    want = row_keys(torch.cat([b.inputs for b in expected]), torch.cat([b.targets for b in expected]))
+    assert sorted(got) == sorted(want)
 
 
 def test_norm_stats_come_from_the_first_buffer_and_batches_are_normalised(tiny_dirs: dict[str, Path]) -> None:
