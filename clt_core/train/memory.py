@@ -24,6 +24,8 @@ from clt_core.train.config import TrainConfig
 from clt_core.train.step import compute_dtype
 
 RUNTIME_BYTES = 700 * 2**20
+EVAL_BATCH = 1024
+"""Rows a forward pass of held-out evaluation (`train/evaluation.py`)."""
 """Resident size of a training process before its model and data (interpreter, torch, zarr, numpy, pydantic)."""
 
 
@@ -113,6 +115,9 @@ def estimate_memory(
         gradients = params * 4
         compute_copy = params * 2 if low == 2 else 0  # autocast's cached bf16 weights
         activations = B * L * F * 4 * 5 + B * L * d * 4 * 6  # pre-activations, activations, masks, their grads
+    # held-out evaluation: the dense forward of 1,024 rows (pre-activations, activations, the selection's and the
+    # decoder's temporaries: ~6 float32 [rows, L, F]), when it needs more than the step
+    activations = max(activations, EVAL_BATCH * L * F * 4 * 6)
     window = config.sampler.buffer_chunks * rows_per_chunk * L * d * store_bytes * 2
     data = window * (config.sampler.prefetch_windows + 2) if data_bytes is None else data_bytes
     return MemoryEstimate(params * 4, gradients, params * 8, compute_copy, activations, data)
