@@ -194,6 +194,24 @@ def _finite_only(store: ActivationStore, rows: ActivationRows, lo: int, policy: 
     return ActivationRows(*(t[~bad] for t in rows)) if bad.any() else rows
 
 
+def place_rows(
+    rows: ActivationRows, normalizer: Normalizer | None, out: ActivationRows, positions: torch.Tensor, bad: torch.Tensor
+) -> None:
+    """`out[positions] = rows`, normalised with `normalizer` (None: as they are) and converted to `out`'s dtype;
+    `bad[i] |=` whether row i holds NaN/Inf. bf16 rows into bf16 `out` take one compiled pass each for inputs and
+    targets where the kernels are built (the same values as `_prepare`'s), PyTorch otherwise."""
+    if rows.inputs.dtype == out.inputs.dtype == torch.bfloat16 and kernels.compiled_for(rows.inputs):
+        norm = normalizer
+        affine = (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
+        kernels.prepare_rows(rows.inputs.contiguous(), affine[0], affine[1], out.inputs, positions, bad)
+        kernels.prepare_rows(rows.targets.contiguous(), affine[2], affine[3], out.targets, positions, bad)
+        out.token_ids.index_copy_(0, positions, rows.token_ids)
+        return
+    bad |= nonfinite_rows(rows)
+    for dest, part in zip(out, _prepare(rows, normalizer, out.inputs.dtype), strict=True):
+        dest.index_copy_(0, positions, part)
+
+
 def _prepare(rows: ActivationRows, normalizer: Normalizer | None, dtype: torch.dtype) -> ActivationRows:
     inputs, targets = rows.inputs, rows.targets
     if normalizer is not None:
@@ -298,30 +316,13 @@ class ActivationSampler(BlockStream):
 
     def _fill(self, window: ActivationRows, keep: torch.Tensor, positions: torch.Tensor, lo: int, hi: int) -> None:
         raw = self.store.read(lo, hi)
-        if raw.inputs.dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(raw.inputs):
-            bad = self._fill_compiled(window, raw, positions, lo)
-        else:
-            bad = _rows_to_skip(self.store, raw, lo, self.config.nonfinite)
-            chunk = _prepare(raw, self.normalizer, self.dtype)
-            for out, part in zip(window, chunk, strict=True):
-                out.index_copy_(0, positions, part)
+        bad = torch.zeros(len(raw.token_ids), dtype=torch.bool)
+        place_rows(raw, self.normalizer, window, positions, bad)
+        bad = _apply_policy(self.store, bad, lo, self.config.nonfinite)
         if bad.any():
             keep[positions[bad]] = False
             with self._skipped_lock:
                 self._skipped[lo // self.store.rows_per_chunk] = int(bad.sum())
-
-    def _fill_compiled(
-        self, window: ActivationRows, raw: ActivationRows, positions: torch.Tensor, lo: int
-    ) -> torch.Tensor:
-        """`_fill`'s normalisation, conversion, NaN/Inf check and scatter of bf16 rows in one compiled pass each for
-        inputs and targets (the same values as `_prepare`'s); -> the rows to skip."""
-        norm = self.normalizer
-        bad = torch.zeros(len(raw.token_ids), dtype=torch.bool)
-        affine = (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
-        kernels.prepare_rows(raw.inputs, affine[0], affine[1], window.inputs, positions, bad)
-        kernels.prepare_rows(raw.targets, affine[2], affine[3], window.targets, positions, bad)
-        window.token_ids.index_copy_(0, positions, raw.token_ids)
-        return _apply_policy(self.store, bad, lo, self.config.nonfinite)
 
     def _blocks(self, where: tuple[int, int]) -> Iterator[ActivationRows]:
         """The windows from `where` on, read, each once the background thread asks for it; a run of windows longer

@@ -17,9 +17,9 @@ The state is the stream position (and the rows each buffer lost to `nonfinite: s
 the window order, recomputes the buffer it stopped in (a deterministic refill: the same forward passes on the same
 windows) and continues bit-exactly.
 
-Feature-parallel ranks (torchrun) share the language model's work: each computes the forward passes of its share of
-a buffer's windows, and the ranks all-gather the rows over a process group of their own, so every rank trains on
-the same batches.
+Feature-parallel ranks (torchrun) share the language model's work: rank r runs forward batches r, r + world size, …
+of a buffer, and each round's rows are all-gathered over a process group of their own, so every rank trains on the
+same batches.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pydantic import Field
 from clt_core.config import Config
 from clt_core.data.layout import ActivationRows, default_rows_per_chunk
 from clt_core.data.norm_stats import NormStatsAccumulator
-from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, nonfinite_rows
+from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, place_rows
 from clt_core.data.stream import BlockStream
 from clt_core.errors import ConfigError, StoreError
 from clt_core.extract.extractor import COMPUTE_DTYPES, DEFAULT_BOS, ExtractConfig
@@ -44,7 +44,6 @@ from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
 from clt_core.lm.corpora import TextConfig, source_name
 from clt_core.lm.loading import LoadedModel, resolve_model
 from clt_core.lm.windows import PackedWindow, batched_windows, corpus_rows, iter_windows, rows_between
-from clt_core.model import kernels
 
 STATE_VERSION = 1
 
@@ -70,7 +69,8 @@ class LiveConfig(Config):
     """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
     shuffle_rows: int = Field(16384, ge=1)
     """Rows mixed together (the mixing buffer): each batch draws from about this many rows; memory is
-    `(prefetch_buffers + 1)` buffers of `shuffle_rows · L · d · 2` values."""
+    `(prefetch_buffers + 2)` buffers (computed ahead, being filled, being trained on) of `shuffle_rows · L · d · 2`
+    values."""
     shuffle_windows: int = Field(4096, ge=1)
     """Windows whose order is permuted together (cheap: token ids only), so a buffer mixes windows from this span."""
     prefetch_buffers: int = Field(1, ge=1)
@@ -257,21 +257,9 @@ class LiveSource(BlockStream):
         """Rows into `out` at positions `dest`, normalised with `self.normalizer` (raw while it is unknown) and
         converted, NaN/Inf rows flagged in `bad`; values rounded to the batches' dtype first, as a store of that
         dtype holds them."""
-        x, y = rows.inputs, rows.targets
-        if self.dtype.itemsize < x.dtype.itemsize:
-            x, y = x.to(self.dtype), y.to(self.dtype)
-        norm = self.normalizer
-        if x.dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(x):
-            affine = (
-                (norm.inputs_scale, norm.inputs_bias, norm.targets_scale, norm.targets_bias) if norm else (None,) * 4
-            )
-            kernels.prepare_rows(x.contiguous(), affine[0], affine[1], out.inputs, dest, bad)
-            kernels.prepare_rows(y.contiguous(), affine[2], affine[3], out.targets, dest, bad)
-        else:
-            bad |= nonfinite_rows(ActivationRows(x, y, rows.token_ids))
-            out.inputs.index_copy_(0, dest, (norm.inputs(x) if norm else x).to(self.dtype))
-            out.targets.index_copy_(0, dest, (norm.targets(y) if norm else y).to(self.dtype))
-        out.token_ids.index_copy_(0, dest, rows.token_ids)
+        if self.dtype.itemsize < rows.inputs.dtype.itemsize:
+            rows = ActivationRows(rows.inputs.to(self.dtype), rows.targets.to(self.dtype), rows.token_ids)
+        place_rows(rows, self.normalizer, out, dest, bad)
 
     def _normalise_in_place(self, out: ActivationRows, block: int = 1024) -> None:
         """The warm-up buffer, placed raw, normalised a block of rows at a time (bounded temporaries)."""
