@@ -67,6 +67,7 @@ def _info(args: argparse.Namespace) -> int:
         "chunks": store.num_chunks,
         "rows_per_chunk": store.rows_per_chunk,
         "bytes_per_row": store.row_bytes,
+        "storage_dtype": store.storage_dtype,
         "codec": store.codec,
         "norm_stats_rows": ns.count if ns else None,
         **store.info.model_dump(mode="json"),

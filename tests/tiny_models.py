@@ -164,3 +164,21 @@ def tiny_model(model_type: str, *, seed: int = 0) -> Any:
     torch.manual_seed(seed)
     config = AutoConfig.for_model(model_type, **TINY_CONFIGS[model_type])
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def extract_config(model: Path, **overrides: Any) -> Any:
+    """An `ExtractConfig` for a tiny model: 300 tokens of KJV in windows of 32, float32 throughout, 64-row chunks."""
+    from clt_core.extract.extractor import ExtractConfig
+    from clt_core.lm.corpora import TextConfig
+
+    base = {
+        "model": str(model),
+        "text": TextConfig(source="packaged:kjv", max_documents=40),
+        "tokens": 300,
+        "context_size": 32,
+        "batch_size": 4,
+        "compute_dtype": "float32",
+        "storage_dtype": "float32",
+        "chunk_rows": 64,
+    }
+    return ExtractConfig(**{**base, **overrides})

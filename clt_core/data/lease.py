@@ -70,6 +70,10 @@ def _alive(pid: int) -> bool:
     return True
 
 
+class LeaseHeld(StoreError):
+    """The lease is held by another live writer."""
+
+
 class _Conflict(Exception):
     """The lease object changed (or appeared) since it was read."""
 
@@ -219,7 +223,7 @@ class StoreLease:
                 except (ValueError, TypeError):
                     holder = None  # unreadable (a torn write from an old version): treat as stale
                 if holder is not None and not holder.stale(time.time()):
-                    raise StoreError(
+                    raise LeaseHeld(
                         f"{self.loc.url} is being written by {holder.describe()}; wait for it to finish (a crashed "
                         f"holder's lease runs out within {self.ttl:.0f} s), or delete {self.path} if it is dead"
                     )

@@ -30,7 +30,7 @@ import torch
 from pydantic import Field
 
 from clt_core.config import Config
-from clt_core.data.layout import ActivationRows
+from clt_core.data.layout import ActivationRows, RawRows
 from clt_core.data.norm_stats import NormStats, finite_rows
 from clt_core.data.store import ActivationStore
 from clt_core.data.stream import BlockStream
@@ -315,14 +315,53 @@ class ActivationSampler(BlockStream):
         return rows, keep, reads
 
     def _fill(self, window: ActivationRows, keep: torch.Tensor, positions: torch.Tensor, lo: int, hi: int) -> None:
-        raw = self.store.read(lo, hi)
-        bad = torch.zeros(len(raw.token_ids), dtype=torch.bool)
-        place_rows(raw, self.normalizer, window, positions, bad)
-        bad = _apply_policy(self.store, bad, lo, self.config.nonfinite)
+        compiled = self.store.torch_dtype == self.dtype == torch.bfloat16 and kernels.compiled_for(window.inputs)
+        if compiled and self.store.quantized:
+            bad = self._fill_quantized(window, self.store.read_raw(lo, hi), positions, lo)
+        else:
+            raw = self.store.read(lo, hi)
+            bad = torch.zeros(len(raw.token_ids), dtype=torch.bool)
+            place_rows(raw, self.normalizer, window, positions, bad)
+            bad = _apply_policy(self.store, bad, lo, self.config.nonfinite)
         if bad.any():
             keep[positions[bad]] = False
             with self._skipped_lock:
                 self._skipped[lo // self.store.rows_per_chunk] = int(bad.sum())
+
+    def _fill_quantized(self, window: ActivationRows, raw: RawRows, positions: torch.Tensor, lo: int) -> torch.Tensor:
+        """`_fill` of a quantised store's rows: dequantisation, normalisation, NaN/Inf check and scatter in one
+        compiled pass each for inputs and targets, from the stored codes (the same values as dequantising with
+        `store.read` and then `_prepare`); -> the rows to skip."""
+        store, norm = self.store, self.normalizer
+        reference = store.reference
+        bad = torch.zeros(raw.num_rows, dtype=torch.bool)
+        parts = (
+            ("inputs", raw.inputs, raw.inputs_scale, window.inputs, norm and (norm.inputs_scale, norm.inputs_bias)),
+            (
+                "targets",
+                raw.targets,
+                raw.targets_scale,
+                window.targets,
+                norm and (norm.targets_scale, norm.targets_bias),
+            ),
+        )
+        for name, codes, scale, out, affine in parts:
+            assert scale is not None
+            centre, spread = reference.tensors(name)
+            kernels.dequantize_rows(
+                torch.from_numpy(codes),
+                store.quantization,
+                torch.from_numpy(scale),
+                centre,
+                spread,
+                out,
+                norm_scale=affine[0] if affine else None,
+                norm_bias=affine[1] if affine else None,
+                positions=positions,
+                bad=bad,
+            )
+        window.token_ids.index_copy_(0, positions, torch.from_numpy(raw.token_ids))
+        return _apply_policy(self.store, bad, lo, self.config.nonfinite)
 
     def _blocks(self, where: tuple[int, int]) -> Iterator[ActivationRows]:
         """The windows from `where` on, read, each once the background thread asks for it; a run of windows longer

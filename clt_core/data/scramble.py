@@ -13,11 +13,16 @@ permutation applied in two passes through local temp disk:
    its chunks concurrently).
 
 The output depends only on the seed and the row count (not on the budget, workers or chunking), rows are moved in
-their storage representation (bf16 as uint16 bits) so they stay bit-identical, and peak memory is
+their storage representation (bf16 as uint16 bits; a quantised store's codes with their scales, and its reference
+copied) so they stay bit-identical, and peak memory is
 `max(permutation + in-flight source chunks, bucket buffer + slab copy + chunks being encoded)` (see `plan_scramble`),
 bounded by the budget, plus the interpreter's own baseline (~250 MB with torch). The permutation costs 4 bytes per row
 (a SmolLM2 row is 69 KB) and is freed before pass 2. The temp disk must hold the whole store, uncompressed.
 The summary reports these planned buffers against the budget, and the process's peak RSS (baseline included) apart.
+
+With `storage_dtype` other than the source's, the scramble also converts: each slab is decoded as every reader
+reads it (dequantised) and stored as the destination stores it, e.g. quantised to int8 with a reference computed
+from the source's first rows (`quantize.REFERENCE_ROWS`), as an extraction into an int8 store computes its own.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from pydantic import ByteSize, Field
@@ -45,6 +50,7 @@ from tqdm import tqdm
 
 from clt_core.config import Config
 from clt_core.data.codecs import CODECS, Codec, check_codec
+from clt_core.data.layout import StorageDType
 from clt_core.data.lease import StoreLease
 from clt_core.data.storage import StoreLocation, filesystem, parse_url
 from clt_core.errors import StoreError
@@ -83,6 +89,9 @@ class ScrambleConfig(Config):
     """Rows per chunk of the output store (default: as the source)."""
     codec: Codec | None = None
     """Compression codec of the output store (default: the source's)."""
+    storage_dtype: StorageDType | None = None
+    """Storage dtype of the output store (default: the source's, rows copied bit-exactly): another one converts,
+    e.g. int8 or fp8 quantises a bfloat16 store (docs/formats.md)."""
 
 
 # ------------------------------------------------------------------------------------------------------------ plan
@@ -254,10 +263,19 @@ def peak_rss_bytes() -> int:
 
 
 # ----------------------------------------------------------------------------------------------------- spill files
-def record_dtype(num_layers: int, d_model: int, storage_dtype: np.dtype) -> np.dtype:
-    """One spilled row: bucket-local destination position, token id, inputs and targets (packed, fixed size)."""
+def record_dtype(num_layers: int, d_model: int, storage_dtype: np.dtype, *, scales: bool = False) -> np.dtype:
+    """One spilled row: bucket-local destination position, token id, inputs and targets (packed, fixed size), and
+    with `scales` (a quantised store's rows) their float32 scales per layer."""
     shape = (num_layers, d_model)
-    return np.dtype([("pos", np.int32), ("id", np.int32), ("x", storage_dtype, shape), ("y", storage_dtype, shape)])
+    fields: list[tuple[Any, ...]] = [
+        ("pos", np.int32),
+        ("id", np.int32),
+        ("x", storage_dtype, shape),
+        ("y", storage_dtype, shape),
+    ]
+    if scales:
+        fields += [("xs", np.float32, (num_layers,)), ("ys", np.float32, (num_layers,))]
+    return np.dtype(fields)
 
 
 class _SpillFiles:
@@ -299,11 +317,12 @@ def scramble_store(
 ) -> ScrambleSummary:
     """Write every committed row of `src_url` exactly once, in a seeded random order, to a new store at `dst_url`.
 
-    The destination gets the source's metadata, norm stats and codec (unless `config.codec`) with `scrambled=True`,
-    `parent=src_url` and `seed=config.seed`. `scrambled` is set last, so an interrupted run never looks finished;
-    a failed run removes the partial destination and always removes its temp files.
+    The destination gets the source's metadata, norm stats, codec and storage dtype (unless `config.codec`,
+    `config.storage_dtype`) with `scrambled=True`, `parent=src_url` and `seed=config.seed`. `scrambled` is set last,
+    so an interrupted run never looks finished; a failed run removes the partial destination and always removes its
+    temp files. Converted rows change, so the norm stats of a converted store are recomputed (`compute_norm_stats`).
     """
-    from clt_core.data.layout import DTYPES
+    from clt_core.data.layout import split_storage_dtype, stored_np
     from clt_core.data.store import ActivationStore, check_destination
 
     t0 = time.perf_counter()
@@ -311,24 +330,32 @@ def scramble_store(
     _check_distinct(src_loc, dst_loc)
     src = ActivationStore.open(src_loc.url, mode="r")
     n = src.num_rows
-    storage_np = DTYPES[src.dtype][0]
     dst_rows_per_chunk = config.rows_per_chunk or src.rows_per_chunk
     codec = config.codec or src.codec
     if codec not in CODECS:
         raise StoreError(f"{src.url}: its codec ({codec}) is not one clt writes; choose one with --codec")
+    storage = config.storage_dtype or src.storage_dtype
+    dtype, quantization = split_storage_dtype(storage)
+    # Converting holds each slab decoded (bf16) and encoded too: plan with the largest of the three row forms.
+    bf16_row = 2 * src.num_layers * src.d_model * 2 + 4
+    dst_row = 2 * src.num_layers * src.d_model * stored_np(dtype, quantization).itemsize + 4
+    dst_row += 2 * src.num_layers * 4 if quantization != "none" else 0
+    plan_row = src.row_bytes if storage == src.storage_dtype else max(src.row_bytes, dst_row, bf16_row)
     plan = plan_scramble(
         num_rows=n,
-        row_bytes=src.row_bytes,
+        row_bytes=plan_row,
         src_rows_per_chunk=src.rows_per_chunk,
         dst_rows_per_chunk=dst_rows_per_chunk,
         workers=config.workers,
         budget=int(config.memory_budget),
         remote_dst=not dst_loc.is_local,
     )
-    rec_dt = record_dtype(src.num_layers, src.d_model, storage_np)
+    rec_dt = record_dtype(src.num_layers, src.d_model, stored_np(src.dtype, src.quantization), scales=src.quantized)
     with StoreLease(dst_loc.url, "scramble", what=f"a scramble of {src_loc.url}"):  # one writer of the destination
         check_destination(dst_loc.url, overwrite)  # before any expensive work
-        return _scramble(src, dst_loc, config, plan, dst_rows_per_chunk, codec, rec_dt, overwrite, progress, t0)
+        return _scramble(
+            src, dst_loc, config, plan, dst_rows_per_chunk, codec, storage, rec_dt, overwrite, progress, t0
+        )
 
 
 def _scramble(
@@ -338,29 +365,43 @@ def _scramble(
     plan: ScramblePlan,
     dst_rows_per_chunk: int,
     codec: str,
+    storage: StorageDType,
     rec_dt: np.dtype,
     overwrite: bool,
     progress: bool,
     t0: float,
 ) -> ScrambleSummary:
-    from clt_core.data.layout import DTYPES
+    from clt_core.data.layout import split_storage_dtype
+    from clt_core.data.norm_stats import compute_norm_stats
+    from clt_core.data.quantize import REFERENCE_ROWS, reference_from_rows
     from clt_core.data.store import ActivationStore, StoreWriter
 
-    src_loc, n, storage_np = parse_url(src.url), src.num_rows, DTYPES[src.dtype][0]
+    src_loc, n = parse_url(src.url), src.num_rows
+    dtype, quantization = split_storage_dtype(storage)
+    convert = storage != src.storage_dtype
     tmp_root = _make_tmp_dir(config.tmp_dir, need=n * rec_dt.itemsize)
 
     created = False
     try:
         with _released_memory():
             info = src.info.model_dump(mode="json")
-            for key in ("format_version", "num_layers", "d_model", "dtype", "rows_committed", "created_at"):
+            for key in ("format_version", "num_layers", "d_model", "dtype", "quantization", "rows_committed"):
                 info.pop(key, None)
+            info.pop("created_at", None)
             info.update(scrambled=False, parent=src_loc.url, seed=config.seed)
+            reference = None
+            if quantization != "none" and not convert:
+                reference = src.reference  # copied: the codes keep their meaning
+            elif quantization != "none":  # from the source's first rows, as an extraction computes its own
+                first = src.read(0, min(n, REFERENCE_ROWS))
+                reference = reference_from_rows(first.inputs, first.targets)
             dst = ActivationStore.create(
                 dst_loc.url,
                 num_layers=src.num_layers,
                 d_model=src.d_model,
-                dtype=src.dtype,
+                dtype=dtype,
+                quantization=quantization,
+                reference=reference,
                 rows_per_chunk=dst_rows_per_chunk,
                 compression=check_codec(codec),
                 overwrite=overwrite,
@@ -381,12 +422,14 @@ def _scramble(
                     spill.close()
                 bar.set_description("scramble 2/2 write")
                 writer = StoreWriter(dst)
-                _gather_pass(writer, plan, spill, rec_dt, (src.num_layers, src.d_model), storage_np, bar)
+                _gather_pass(src if convert else None, writer, plan, spill, rec_dt, bar)
                 writer.close()
             if dst.num_rows != n:
                 raise StoreError(f"{dst.url}: wrote {dst.num_rows} rows, expected {n}; the scramble is incomplete")
             stats = src.read_norm_stats()
-            if stats is not None:
+            if stats is not None and convert:  # the stored values changed: stats of the rows the store now holds
+                compute_norm_stats(dst, workers=config.workers, progress=False)
+            elif stats is not None:
                 dst.write_norm_stats(stats)
             dst.update_info(scrambled=True)  # the completion mark
     except BaseException:
@@ -417,18 +460,19 @@ def _spill_pass(
 
     def spill_chunk(chunk: int) -> int:
         start, stop = src.chunk_rows(chunk)
-        inputs, targets, ids = src.read_storage(start, stop)
+        raw = src.read_raw(start, stop)
         pos = perm[start:stop].astype(np.int64)
         bucket = pos // bucket_rows
         order = np.argsort(bucket, kind="stable")
         bucket = bucket[order]
         rec = np.empty(stop - start, rec_dt)
         rec["pos"] = pos[order] - bucket * bucket_rows
-        rec["id"] = ids[order]
-        rec["x"] = inputs[order]
-        del inputs
-        rec["y"] = targets[order]
-        del targets
+        rec["id"] = raw.token_ids[order]
+        rec["x"] = raw.inputs[order]
+        rec["y"] = raw.targets[order]
+        if raw.inputs_scale is not None and raw.targets_scale is not None:
+            rec["xs"], rec["ys"] = raw.inputs_scale[order], raw.targets_scale[order]
+        del raw
         cuts = np.flatnonzero(np.diff(bucket)) + 1
         for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(rec)], strict=True):
             spill.append(int(bucket[lo]), rec[lo:hi])
@@ -451,19 +495,24 @@ def _spill_pass(
 
 
 def _gather_pass(
+    convert_from: ActivationStore | None,
     writer: StoreWriter,
     plan: ScramblePlan,
     spill: _SpillFiles,
     rec_dt: np.dtype,
-    row_shape: tuple[int, int],
-    storage_np: np.dtype,
     bar: tqdm,
 ) -> None:
-    """Pass 2: rebuild each bucket in destination order from its spill file and append it to the new store."""
+    """Pass 2: rebuild each bucket in destination order from its spill file and append it to the new store: as
+    stored, or (`convert_from`: the source) decoded as the source's readers read it, for the writer to encode."""
+    from clt_core.data.layout import RawRows
+
     s = plan.bucket_rows
-    buf_x = np.empty((s, *row_shape), storage_np)
-    buf_y = np.empty((s, *row_shape), storage_np)
+    buf_x = np.empty((s, *rec_dt["x"].shape), rec_dt["x"].base)
+    buf_y = np.empty((s, *rec_dt["y"].shape), rec_dt["y"].base)
     buf_ids = np.empty(s, np.int32)
+    scaled = "xs" in (rec_dt.names or ())
+    buf_xs = np.empty((s, *rec_dt["xs"].shape), np.float32) if scaled else None
+    buf_ys = np.empty((s, *rec_dt["ys"].shape), np.float32) if scaled else None
     block_rows = min(s, plan.block_rows)
     block = np.empty(block_rows, rec_dt)
     block_bytes = block.view(np.uint8).data
@@ -487,13 +536,20 @@ def _gather_pass(
                 buf_x[pos] = recs["x"]
                 buf_y[pos] = recs["y"]
                 buf_ids[pos] = recs["id"]
+                if buf_xs is not None and buf_ys is not None:
+                    buf_xs[pos], buf_ys[pos] = recs["xs"], recs["ys"]
                 done += m
         path.unlink()  # give the temp disk back as we go
         # Slabs of whole chunks: the writer copies only a slab at a time and writes its chunks concurrently.
         for lo in range(0, n_k, plan.slab_rows):
             hi = min(n_k, lo + plan.slab_rows)
-            writer.append(buf_x[lo:hi], buf_y[lo:hi], buf_ids[lo:hi])
-            bar.update((hi - lo) * plan.row_bytes)
+            raw = RawRows(buf_x, buf_y, buf_ids, buf_xs, buf_ys).rows(lo, hi)
+            if convert_from is None:
+                writer.append_raw(raw)
+            else:
+                rows = convert_from.decode(raw)
+                writer.append(rows.inputs, rows.targets, raw.token_ids)
+            bar.update((hi - lo) * (rec_dt.itemsize - 4))  # the source's rows (a record adds its position)
 
 
 # ------------------------------------------------------------------------------------------------------- checks

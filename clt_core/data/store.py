@@ -1,9 +1,13 @@
-"""The activation store: a Zarr v3 group holding MLP inputs and targets per token row (format_version 1).
+"""The activation store: a Zarr v3 group holding MLP inputs and targets per token row (format_version 1; 2 when
+quantised).
 
 Layout (docs/formats.md; its constants and types in data/layout.py, its codecs in data/codecs.py): arrays `inputs`
 and `targets` `[N, L, d]` chunked `(rows_per_chunk, L, d)`, `token_ids [N]`, the group attribute `clt_dataset` (a
 `StoreInfo`), and an optional `norm_stats` subgroup of float64 `[L, d]` arrays. bfloat16 is stored as its uint16 bit
-pattern with the array attribute `logical_dtype: "bfloat16"`.
+pattern with the array attribute `logical_dtype: "bfloat16"`. A quantised store (`quantization` int8 or fp8,
+data/quantize.py) holds one-byte codes in `inputs`/`targets`, their float32 scales `inputs_scale`/`targets_scale`
+`[N, L]` chunked like the rows, and its reference `quantization_reference`; `read` returns the dequantised bfloat16
+values, `read_raw` what is stored.
 
 Commit protocol: rows become visible only when `rows_committed` in `clt_dataset` is advanced, which happens after
 the chunk objects holding them were written (local writes are atomic renames, S3 PUTs are atomic). A writer that
@@ -31,8 +35,16 @@ from clt_core.data.layout import (
     DTYPES,
     FORMAT_VERSION,
     INFO_KEY,
+    PLAIN_FORMAT_VERSION,
+    QUANTIZATIONS,
+    READABLE_VERSIONS,
+    REFERENCE_ARRAY,
+    SCALE_ARRAYS,
     ActivationRows,
     DType,
+    Quantization,
+    RawRows,
+    StorageDType,
     StoreInfo,
     child_array,
     child_group,
@@ -40,9 +52,12 @@ from clt_core.data.layout import (
     from_storage,
     int_attr,
     require_group,
+    storage_dtype_of,
+    stored_np,
     to_storage,
 )
 from clt_core.data.norm_stats import NormStats
+from clt_core.data.quantize import REFERENCE_ORDER, QuantReference, dequantize, digest, quantize
 from clt_core.data.storage import StoreLocation, parse_url, storage_errors, zarr_store
 from clt_core.errors import StoreError
 
@@ -65,6 +80,11 @@ class ActivationStore:
         self.inputs = self._array("inputs")
         self.targets = self._array("targets")
         self.token_ids = self._array("token_ids")
+        self.inputs_scale: zarr.Array | None = None
+        self.targets_scale: zarr.Array | None = None
+        if self.quantized:
+            self.inputs_scale, self.targets_scale = (self._array(name) for name in SCALE_ARRAYS)
+        self._reference: QuantReference | None = None
         self._check_layout()
 
     # ----------------------------------------------------------------- opening
@@ -76,6 +96,8 @@ class ActivationStore:
         num_layers: int,
         d_model: int,
         dtype: DType = "bfloat16",
+        quantization: Quantization = "none",
+        reference: QuantReference | None = None,
         rows_per_chunk: int | None = None,
         compression: Codec = DEFAULT_CODEC,
         overwrite: bool = False,
@@ -85,7 +107,9 @@ class ActivationStore:
     ) -> ActivationStore:
         """Create an empty store. Refuses an existing store unless `overwrite`. `compression` is the codec of its
         arrays (`codecs.CODECS`). `reserve_rows` sizes the arrays up front, for writers that fill row ranges in
-        parallel (they must not resize the arrays concurrently).
+        parallel (they must not resize the arrays concurrently). `quantization` int8 or fp8 stores the (bfloat16)
+        values quantised; their `reference` is written now if given (and the store has none), else later, before
+        the first row, with `quantize.ensure_reference`.
 
         `exist_ok`: return the store at `url` if there is one instead of refusing it, completing it if its creation
         was cut short (a killed process) or is under way elsewhere (shards of a parallel extraction create their
@@ -96,32 +120,56 @@ class ActivationStore:
             raise StoreError("exist_ok and overwrite contradict each other")
         if dtype not in DTYPES:
             raise StoreError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        if quantization not in QUANTIZATIONS:
+            raise StoreError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+        quantized = quantization != "none"
+        if quantized and dtype != "bfloat16":
+            raise StoreError(f"a {quantization} store holds bfloat16 values, not {dtype}")
         if num_layers < 1 or d_model < 1:
             raise StoreError(f"num_layers and d_model must be positive (got {num_layers}, {d_model})")
         check_codec(compression)
         loc = parse_url(url)
-        rows = rows_per_chunk or default_rows_per_chunk(num_layers, d_model, dtype)
+        rows = rows_per_chunk or default_rows_per_chunk(num_layers, d_model, storage_dtype_of(dtype, quantization))
         if rows < 1:
             raise StoreError(f"rows_per_chunk must be positive (got {rows})")
-        reserved = {"num_layers", "d_model", "dtype", "format_version", "rows_committed", "created_at"} & info.keys()
+        reserved = {"num_layers", "d_model", "dtype", "quantization", "format_version", "rows_committed", "created_at"}
+        reserved &= info.keys()
         if reserved:
             raise StoreError(f"store metadata {sorted(reserved)} is set by the store itself, not by the caller")
         stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         try:
-            store_info = StoreInfo(num_layers=num_layers, d_model=d_model, dtype=dtype, created_at=stamp, **info)
+            version = FORMAT_VERSION if quantized else PLAIN_FORMAT_VERSION
+            store_info = StoreInfo(
+                num_layers=num_layers,
+                d_model=d_model,
+                dtype=dtype,
+                quantization=quantization,
+                format_version=version,
+                created_at=stamp,
+                **info,
+            )
         except ValidationError as err:
             raise StoreError(f"invalid store metadata: {err.errors()[0]['msg']}") from None
         check_destination(loc.url, overwrite, exist_ok=exist_ok)
+        attributes: dict[str, str] = {"logical_dtype": dtype, **({"quantization": quantization} if quantized else {})}
         arrays: dict[str, dict[str, Any]] = {
             name: {
                 "shape": (reserve_rows, num_layers, d_model),
                 "chunks": (rows, num_layers, d_model),
-                "dtype": DTYPES[dtype][0],
+                "dtype": stored_np(dtype, quantization),
                 "fill_value": 0,
-                "attributes": {"logical_dtype": dtype},
+                "attributes": attributes,
             }
             for name in ARRAYS
         }
+        for name in SCALE_ARRAYS if quantized else ():
+            # NaN: a committed chunk that went missing reads as rows holding NaN, never as plausible values
+            arrays[name] = {
+                "shape": (reserve_rows, num_layers),
+                "chunks": (rows, num_layers),
+                "dtype": np.dtype(np.float32),
+                "fill_value": float("nan"),
+            }
         arrays["token_ids"] = {
             "shape": (reserve_rows,),
             "chunks": (rows,),
@@ -149,7 +197,10 @@ class ActivationStore:
                 except ContainsArrayError:  # another process made it meanwhile
                     if not exist_ok:
                         raise
-        return cls(loc, group, read_only=False)
+        store = cls(loc, group, read_only=False)
+        if reference is not None and store.load_reference() is None:
+            store.write_reference(reference)
+        return store
 
     @classmethod
     def open(cls, url: str, mode: Literal["r", "a"] = "r") -> ActivationStore:
@@ -171,10 +222,22 @@ class ActivationStore:
         if not isinstance(raw, Mapping):
             raise StoreError(f"{self.loc.url}: invalid '{INFO_KEY}' metadata: a {type(raw).__name__}, not a mapping")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(
                 f"{self.loc.url}: store format_version {version}, this version of clt-pipeline reads "
-                f"{FORMAT_VERSION}; convert the store or use a matching clt-pipeline"
+                f"{FORMAT_VERSION} (quantised stores) and {PLAIN_FORMAT_VERSION}; convert the store or use a matching "
+                "clt-pipeline"
+            )
+        quantization = raw.get("quantization", "none")
+        if quantization not in QUANTIZATIONS:
+            raise StoreError(
+                f"{self.loc.url}: the store is quantised as {quantization!r}, which this version of clt-pipeline "
+                f"cannot read (it reads {', '.join(QUANTIZATIONS)}); use a matching clt-pipeline"
+            )
+        if quantization != "none" and version != FORMAT_VERSION:
+            raise StoreError(
+                f"{self.loc.url}: quantization {quantization} in a format_version {version} store (quantised stores "
+                f"are {FORMAT_VERSION}); the metadata is damaged"
             )
         try:
             return StoreInfo.model_validate(raw)
@@ -195,23 +258,37 @@ class ActivationStore:
 
     def _check_layout(self) -> None:
         info, url = self.info, self.loc.url
-        storage_np = DTYPES[info.dtype][0]
+        storage_np = stored_np(info.dtype, info.quantization)
+        what = info.dtype if not self.quantized else f"{info.dtype} quantised as {info.quantization}"
         for arr in (self.inputs, self.targets):
             if arr.ndim != 3 or arr.shape[1:] != (info.num_layers, info.d_model):
                 raise StoreError(
                     f"{url}: '{arr.basename}' has shape {arr.shape}, metadata says [N, {info.num_layers}, "
                     f"{info.d_model}]"
                 )
-            if arr.dtype != storage_np or arr.attrs.get("logical_dtype", info.dtype) != info.dtype:
+            quantization = arr.attrs.get("quantization", "none")
+            if (
+                arr.dtype != storage_np
+                or arr.attrs.get("logical_dtype", info.dtype) != info.dtype
+                or quantization != info.quantization
+            ):
                 raise StoreError(
-                    f"{url}: '{arr.basename}' is stored as {arr.dtype} "
-                    f"(logical {arr.attrs.get('logical_dtype')}), metadata says {info.dtype}"
+                    f"{url}: '{arr.basename}' is stored as {arr.dtype} (logical {arr.attrs.get('logical_dtype')}"
+                    f"{'' if quantization == 'none' else ', quantization ' + str(quantization)}), metadata says {what}"
                 )
             if arr.chunks[0] != self.rows_per_chunk or arr.chunks[1:] != arr.shape[1:]:
                 raise StoreError(f"{url}: '{arr.basename}' chunks {arr.chunks} are not whole token rows")
+        for arr in self.scale_arrays:
+            if arr.ndim != 2 or arr.shape[1] != info.num_layers or arr.dtype != np.float32:
+                raise StoreError(
+                    f"{url}: '{arr.basename}' is {arr.dtype} {arr.shape}, a quantised store needs float32 "
+                    f"[N, {info.num_layers}]"
+                )
+            if arr.chunks != (self.rows_per_chunk, info.num_layers):
+                raise StoreError(f"{url}: '{arr.basename}' chunks {arr.chunks} differ from the row chunks")
         if self.token_ids.chunks[0] != self.rows_per_chunk:
             raise StoreError(f"{url}: 'token_ids' chunks {self.token_ids.chunks} differ from the row chunks")
-        shortest = min(self.inputs.shape[0], self.targets.shape[0], self.token_ids.shape[0])
+        shortest = min(a.shape[0] for a in self.row_arrays)
         if info.rows_committed > shortest:
             raise StoreError(
                 f"{url}: rows_committed={info.rows_committed} but the arrays hold only {shortest} rows; "
@@ -245,6 +322,29 @@ class ActivationStore:
         return DTYPES[self.info.dtype][1]
 
     @property
+    def quantization(self) -> Quantization:
+        return self.info.quantization
+
+    @property
+    def quantized(self) -> bool:
+        return self.info.quantization != "none"
+
+    @property
+    def storage_dtype(self) -> StorageDType:
+        """How the values are stored: the logical dtype, or `int8`/`fp8` for a quantised store."""
+        return storage_dtype_of(self.info.dtype, self.info.quantization)
+
+    @property
+    def scale_arrays(self) -> tuple[zarr.Array, ...]:
+        """`inputs_scale`, `targets_scale` of a quantised store (none otherwise)."""
+        return tuple(a for a in (self.inputs_scale, self.targets_scale) if a is not None)
+
+    @property
+    def row_arrays(self) -> tuple[zarr.Array, ...]:
+        """Every array with one entry per row: inputs, targets, token ids and (quantised) the scales."""
+        return (self.inputs, self.targets, self.token_ids, *self.scale_arrays)
+
+    @property
     def codec(self) -> str:
         """The codec of the arrays (`codecs.CODECS`), read back from their metadata (`other: ...` for one this
         version never writes)."""
@@ -260,8 +360,10 @@ class ActivationStore:
 
     @property
     def row_bytes(self) -> int:
-        """Bytes of one token row in storage (inputs + targets + token id)."""
-        return 2 * self.num_layers * self.d_model * DTYPES[self.dtype][0].itemsize + 4
+        """Bytes of one token row in storage, uncompressed (inputs + targets + token id, and the scales of a
+        quantised store)."""
+        values = 2 * self.num_layers * self.d_model * stored_np(self.dtype, self.quantization).itemsize
+        return values + 4 + (2 * self.num_layers * 4 if self.quantized else 0)
 
     def chunk_rows(self, chunk: int, limit: int | None = None) -> tuple[int, int]:
         """Row range [start, stop) of a chunk, clipped to the committed rows (or to `limit`)."""
@@ -272,23 +374,58 @@ class ActivationStore:
     def read_storage(
         self, start: int, stop: int, *, limit: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Raw stored arrays of rows [start, stop) (bf16 as uint16), reading the three arrays concurrently.
-        `limit` is the end of the rows that may be read: the committed rows unless a writer that knows better (a
-        shard re-reading its own rows) says otherwise."""
+        """Raw stored arrays of rows [start, stop) (bf16 as uint16, quantised codes as int8/uint8: `read_raw` adds
+        their scales). `limit` is the end of the rows that may be read: the committed rows unless a writer that knows
+        better (a shard re-reading its own rows) says otherwise."""
+        raw = self.read_raw(start, stop, limit=limit)
+        return raw.inputs, raw.targets, raw.token_ids
+
+    def read_raw(self, start: int, stop: int, *, limit: int | None = None) -> RawRows:
+        """Rows [start, stop) as stored, with the scales of a quantised store, reading the arrays concurrently
+        (`limit` as in `read_storage`)."""
         limit = self.num_rows if limit is None else limit
         if not 0 <= start <= stop <= limit:
             raise IndexError(f"rows [{start}, {stop}) outside the committed rows [0, {limit})")
+        others = (self.inputs, self.targets, *self.scale_arrays)
         with storage_errors(self.url, f"read rows {start}..{stop}"):
-            futures = [_io_pool.submit(_read_slice, a, start, stop) for a in (self.inputs, self.targets)]
+            futures = [_io_pool.submit(_read_slice, a, start, stop) for a in others]
             try:
                 token_ids = _read_slice(self.token_ids, start, stop)
-                inputs, targets = (f.result() for f in futures)
+                inputs, targets, *scales = (f.result() for f in futures)
             except (RuntimeError, ValueError) as err:  # what zarr's codecs raise on corrupt bytes
                 raise StoreError(
                     f"{self.url}: rows {start}..{stop} cannot be decoded ({err}); the store is corrupt: "
                     f"`clt verify {self.url}` lists the bad chunks"
                 ) from None
-        return inputs, targets, token_ids
+        return RawRows(inputs, targets, token_ids, *scales)
+
+    def decode(self, raw: RawRows) -> ActivationRows:
+        """Stored rows as torch tensors in the logical dtype: bf16 bits viewed as bf16 (zero-copy), quantised codes
+        dequantised (data/quantize.py)."""
+        ids = torch.from_numpy(np.ascontiguousarray(raw.token_ids))
+        if not self.quantized:
+            return ActivationRows(from_storage(raw.inputs, self.dtype), from_storage(raw.targets, self.dtype), ids)
+        if raw.inputs_scale is None or raw.targets_scale is None:
+            raise ValueError("quantised rows without their scales")
+        ref = self.reference
+        return ActivationRows(
+            dequantize(raw.inputs, raw.inputs_scale, *ref.tensors("inputs"), self.quantization),
+            dequantize(raw.targets, raw.targets_scale, *ref.tensors("targets"), self.quantization),
+            ids,
+        )
+
+    def encode(
+        self, inputs: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray, token_ids: np.ndarray
+    ) -> RawRows:
+        """Rows `[n, L, d]` (tensors of any float dtype, or numpy arrays in the logical dtype's storage form: bf16 as
+        uint16 bits) as this store stores them: rounded to the logical dtype, and quantised in a quantised store."""
+        _check_rows(self, inputs, targets)
+        if not self.quantized:
+            return RawRows(to_storage(inputs, self.dtype), to_storage(targets, self.dtype), token_ids)
+        ref = self.reference
+        xs, xq = quantize(_as_bf16(inputs), *ref.tensors("inputs"), self.quantization)
+        ys, yq = quantize(_as_bf16(targets), *ref.tensors("targets"), self.quantization)
+        return RawRows(xs, ys, token_ids, xq, yq)
 
     def require(self, *, num_layers: int | None = None, d_model: int | None = None, dtype: str | None = None) -> None:
         """Refuse a store whose geometry differs from what a config or model expects."""
@@ -301,11 +438,75 @@ class ActivationStore:
                 )
 
     def read(self, start: int, stop: int, *, limit: int | None = None) -> ActivationRows:
-        """Rows [start, stop) as torch tensors in the logical dtype (`limit` as in `read_storage`)."""
-        inputs, targets, token_ids = self.read_storage(start, stop, limit=limit)
-        return ActivationRows(
-            from_storage(inputs, self.dtype), from_storage(targets, self.dtype), torch.from_numpy(token_ids)
-        )
+        """Rows [start, stop) as torch tensors in the logical dtype, dequantised in a quantised store (`limit` as in
+        `read_storage`)."""
+        return self.decode(self.read_raw(start, stop, limit=limit))
+
+    # ------------------------------------------------------------ quantisation
+    def load_reference(self) -> QuantReference | None:
+        """The quantisation reference, read afresh until it is complete (None until a writer has written all of it:
+        its values must match the digest its metadata holds); None for a store that is not quantised."""
+        if not self.quantized:
+            return None
+        if self._reference is not None:
+            return self._reference
+        with storage_errors(self.url, "read the quantisation reference"):
+            try:
+                arr = child_array(self.group, REFERENCE_ARRAY, self.url)
+            except KeyError:
+                return None
+            expected = (4, self.num_layers, self.d_model)
+            if arr.shape != expected or arr.dtype != np.float32:
+                raise StoreError(
+                    f"{self.url}: '{REFERENCE_ARRAY}' is {arr.dtype} {arr.shape}, a quantised store needs float32 "
+                    f"{list(expected)}; the store is damaged"
+                )
+            values = np.asarray(arr[...])
+            if arr.attrs.get("sha256") != digest(values):
+                return None  # its values are still being written (or their writer died: the next one rewrites them)
+            rows = arr.attrs.get("rows", 0)
+        self._reference = QuantReference.from_array(values, rows=rows if isinstance(rows, int) else 0)
+        return self._reference
+
+    @property
+    def reference(self) -> QuantReference:
+        """The quantisation reference of a quantised store; a StoreError if it has none (yet)."""
+        reference = self.load_reference()
+        if reference is None:
+            raise StoreError(
+                f"{self.url}: a {self.quantization} store without its complete quantisation reference "
+                f"('{REFERENCE_ARRAY}'): a writer has not written it yet, or the store is damaged"
+            )
+        return reference
+
+    def write_reference(self, reference: QuantReference) -> None:
+        """Write the quantisation reference: its metadata with the digest first, then its values (one object), so
+        that it counts only once whole. Only ever by one writer (`quantize.ensure_reference`), before any row."""
+        if self.read_only:
+            raise StoreError(f"{self.url}: opened read-only")
+        if not self.quantized:
+            raise StoreError(f"{self.url}: not a quantised store; it has no quantisation reference")
+        values = reference.as_array()
+        if values.shape != (4, self.num_layers, self.d_model) or not np.isfinite(values).all():
+            raise StoreError(f"{self.url}: a quantisation reference of shape {values.shape} (or not finite)")
+        attributes: dict[str, Any] = {
+            "sha256": digest(values),
+            "rows": int(reference.rows),
+            "order": list(REFERENCE_ORDER),
+        }
+        with storage_errors(self.url, "write the quantisation reference"):
+            arr = self.group.create_array(
+                REFERENCE_ARRAY,
+                shape=values.shape,
+                chunks=values.shape,
+                dtype=np.float32,
+                fill_value=float("nan"),
+                compressors=None,
+                attributes=attributes,
+                overwrite=True,
+            )
+            arr[...] = values
+        self._reference = QuantReference.from_array(values, rows=int(reference.rows))
 
     def read_chunk(self, chunk: int, limit: int | None = None) -> ActivationRows:
         return self.read(*self.chunk_rows(chunk, limit), limit=limit)
@@ -383,12 +584,20 @@ class ActivationStore:
         i = self.info
         return (
             f"ActivationStore({self.url!r}, rows={i.rows_committed}, layers={i.num_layers}, d_model={i.d_model}, "
-            f"dtype={i.dtype}, rows_per_chunk={self.rows_per_chunk}, codec={self.codec})"
+            f"dtype={self.storage_dtype}, rows_per_chunk={self.rows_per_chunk}, codec={self.codec})"
         )
 
 
 def _read_slice(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     return np.asarray(arr[start:stop])
+
+
+def _as_bf16(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Rows as a bfloat16 tensor: numpy uint16 arrays are bf16 bits, other arrays and tensors are converted."""
+    if isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+        return t.view(torch.bfloat16) if x.dtype == np.uint16 else t.to(torch.bfloat16)
+    return x.detach().to("cpu", torch.bfloat16)
 
 
 def store_exists(url: str) -> bool:
@@ -455,7 +664,7 @@ class StoreWriter:
         rows = store.rows_per_chunk
         self._ranged = commit is not None
         self._commit = commit or (lambda stop: store.update_info(rows_committed=stop))
-        self._buffer: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffer: list[RawRows] = []
         if start is not None:
             if start % rows:
                 raise StoreError(f"a ranged writer starts at a chunk boundary (multiple of {rows}), not at {start}")
@@ -463,15 +672,15 @@ class StoreWriter:
         else:
             self.committed = store.num_rows
         self._write_pos = self.committed - self.committed % rows  # always chunk-aligned
-        if self.committed % rows:
-            self._buffer.append(store.read_storage(self._write_pos, self.committed))
+        if self.committed % rows:  # as stored: a quantised tail is rewritten with its codes, not quantised again
+            self._buffer.append(store.read_raw(self._write_pos, self.committed, limit=self.committed))
         # The shortest array counts: a writer killed between resizing one array and the next leaves them uneven,
         # and Zarr silently drops writes past an array's end.
-        self._capacity = min(a.shape[0] for a in (store.inputs, store.targets, store.token_ids))
+        self._capacity = min(a.shape[0] for a in store.row_arrays)
 
     @property
     def rows_buffered(self) -> int:
-        return sum(len(b[2]) for b in self._buffer)
+        return sum(b.num_rows for b in self._buffer)
 
     def append(
         self,
@@ -479,17 +688,12 @@ class StoreWriter:
         targets: torch.Tensor | np.ndarray,
         token_ids: torch.Tensor | np.ndarray | None = None,
     ) -> None:
-        """Add rows `[n, L, d]`; full chunks are written and committed at once."""
+        """Add rows `[n, L, d]` (tensors, or numpy arrays in the logical dtype's storage form); they are stored as
+        `ActivationStore.encode` stores them (quantised in a quantised store). Full chunks are written and committed
+        at once."""
         st = self.store
-        shape = (st.num_layers, st.d_model)
-        if tuple(inputs.shape[1:]) != shape or tuple(targets.shape[1:]) != shape:
-            raise StoreError(
-                f"{st.url}: rows of shape {tuple(inputs.shape[1:])}/{tuple(targets.shape[1:])} do not match the "
-                f"store's [L, d] = {list(shape)}"
-            )
+        _check_rows(st, inputs, targets)
         n = inputs.shape[0]
-        if targets.shape[0] != n:
-            raise StoreError(f"inputs have {n} rows but targets have {targets.shape[0]}")
         if token_ids is None:
             ids = np.full(n, -1, np.int32)
         else:
@@ -497,12 +701,30 @@ class StoreWriter:
             ids = ids.astype(np.int32, copy=False)
             if ids.shape != (n,):
                 raise StoreError(f"token_ids has shape {ids.shape}, expected ({n},)")
+        self.append_raw(st.encode(inputs, targets, ids) if n else _empty_raw(st))
+
+    def append_raw(self, raw: RawRows) -> None:
+        """Add rows already in the store's storage form (`read_raw`'s: codes and scales of a quantised store)."""
+        st = self.store
+        n = raw.num_rows
+        _check_rows(st, raw.inputs, raw.targets)
+        if raw.inputs.shape[0] != n:
+            raise StoreError(f"{st.url}: {raw.inputs.shape[0]} rows of values but {n} token ids")
+        scales = [a for a in (raw.inputs_scale, raw.targets_scale) if a is not None]
+        if any(a.shape != (n, st.num_layers) for a in scales):
+            raise StoreError(
+                f"{st.url}: quantisation scales of shape {[a.shape for a in scales]}, expected {n, st.num_layers}"
+            )
+        if st.quantized != (raw.inputs_scale is not None and raw.targets_scale is not None):
+            raise StoreError(f"{st.url}: rows {'without' if st.quantized else 'with'} quantisation scales")
+        expected = np.dtype(stored_np(st.dtype, st.quantization))
+        if raw.inputs.dtype != expected or raw.targets.dtype != expected:
+            raise StoreError(f"{st.url}: rows stored as {raw.inputs.dtype}, the store stores {expected}")
         if n:
-            xs, ys = to_storage(inputs, st.dtype), to_storage(targets, st.dtype)
             if self.rows_buffered + n < st.rows_per_chunk:
                 # Rows that wait in the buffer must not alias the caller's arrays, which it may reuse.
-                xs, ys, ids = (np.array(a, copy=True) for a in (xs, ys, ids))
-            self._buffer.append((xs, ys, ids))
+                raw = raw.copy()
+            self._buffer.append(raw)
         if self.rows_buffered >= st.rows_per_chunk:
             self._flush(full_chunks_only=True)
 
@@ -510,27 +732,25 @@ class StoreWriter:
         st = self.store
         if not self._buffer:
             return
-        # One buffered block is used as it is: concatenating would copy it.
-        inputs, targets, ids = (
-            parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in zip(*self._buffer, strict=True)
-        )
-        n_write = len(ids) - len(ids) % st.rows_per_chunk if full_chunks_only else len(ids)
+        block = RawRows.concat(self._buffer)  # one buffered block is used as it is: concatenating would copy it
+        n_write = block.num_rows - block.num_rows % st.rows_per_chunk if full_chunks_only else block.num_rows
         if n_write == 0:
-            self._buffer = [(inputs, targets, ids)]
+            self._buffer = [block]
             return
         start, stop = self._write_pos, self._write_pos + n_write
         if self._ranged and stop > self._capacity:
             raise StoreError(f"{st.url}: rows {start}..{stop} run past the {self._capacity} rows reserved")
+        pairs = [(st.inputs, block.inputs), (st.targets, block.targets), (st.token_ids, block.token_ids)]
+        if st.quantized:
+            assert st.inputs_scale is not None and st.targets_scale is not None
+            assert block.inputs_scale is not None and block.targets_scale is not None
+            pairs += [(st.inputs_scale, block.inputs_scale), (st.targets_scale, block.targets_scale)]
         with storage_errors(st.url, f"write rows {start}..{stop}"):
             if stop > self._capacity:
                 self._capacity = max(stop, 2 * self._capacity)
-                for arr in (st.inputs, st.targets):
-                    arr.resize((self._capacity, st.num_layers, st.d_model))
-                st.token_ids.resize((self._capacity,))
-            jobs = [
-                _io_pool.submit(_write_slice, arr, start, stop, data[:n_write])
-                for arr, data in ((st.inputs, inputs), (st.targets, targets), (st.token_ids, ids))
-            ]
+                for arr in st.row_arrays:
+                    arr.resize((self._capacity, *arr.shape[1:]))
+            jobs = [_io_pool.submit(_write_slice, arr, start, stop, data[:n_write]) for arr, data in pairs]
             for job in jobs:
                 job.result()
         self._commit(stop)  # the commit point
@@ -538,8 +758,8 @@ class StoreWriter:
         # A partial tail chunk stays buffered: it is rewritten, whole, when more rows arrive.
         keep_from = n_write - stop % st.rows_per_chunk
         self._write_pos = start + keep_from
-        rest = (inputs[keep_from:].copy(), targets[keep_from:].copy(), ids[keep_from:].copy())
-        self._buffer = [rest] if len(rest[2]) else []
+        rest = block.rows(keep_from, block.num_rows).copy()
+        self._buffer = [rest] if rest.num_rows else []
 
     def close(self) -> None:
         """Write and commit any buffered rows, and trim the arrays to exactly the committed rows (not when ranged)."""
@@ -549,7 +769,7 @@ class StoreWriter:
             return
         n = st.num_rows
         with storage_errors(st.url, "finalise the store"):
-            for arr in (st.inputs, st.targets, st.token_ids):
+            for arr in st.row_arrays:
                 if arr.shape[0] != n:
                     arr.resize((n, *arr.shape[1:]))
         self._capacity = n
@@ -564,3 +784,22 @@ class StoreWriter:
 
 def _write_slice(arr: zarr.Array, start: int, stop: int, data: np.ndarray) -> None:
     arr[start:stop] = data
+
+
+def _check_rows(store: ActivationStore, inputs: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> None:
+    shape = (store.num_layers, store.d_model)
+    if tuple(inputs.shape[1:]) != shape or tuple(targets.shape[1:]) != shape:
+        raise StoreError(
+            f"{store.url}: rows of shape {tuple(inputs.shape[1:])}/{tuple(targets.shape[1:])} do not match the "
+            f"store's [L, d] = {list(shape)}"
+        )
+    if targets.shape[0] != inputs.shape[0]:
+        raise StoreError(f"inputs have {inputs.shape[0]} rows but targets have {targets.shape[0]}")
+
+
+def _empty_raw(store: ActivationStore) -> RawRows:
+    """No rows, in the store's storage form."""
+    shape = (0, store.num_layers, store.d_model)
+    values = np.empty(shape, stored_np(store.dtype, store.quantization))
+    scales = np.empty((0, store.num_layers), np.float32) if store.quantized else None
+    return RawRows(values, values, np.empty(0, np.int32), scales, scales)

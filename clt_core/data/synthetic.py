@@ -14,8 +14,10 @@ from pydantic import Field
 
 from clt_core.config import Config
 from clt_core.data.codecs import DEFAULT_CODEC, Codec
-from clt_core.data.layout import DType
+from clt_core.data.layout import DType, StorageDType, split_storage_dtype
+from clt_core.data.quantize import REFERENCE_ROWS, reference_from_rows
 from clt_core.data.store import ActivationStore
+from clt_core.errors import ConfigError
 
 
 class SyntheticConfig(Config):
@@ -34,7 +36,9 @@ class SyntheticConfig(Config):
     noise: float = Field(0.05, ge=0)
     """Standard deviation of the Gaussian noise added to inputs and targets."""
     dtype: DType = "bfloat16"
-    """Storage dtype."""
+    """Storage dtype (see also `storage_dtype`)."""
+    storage_dtype: StorageDType | None = None
+    """Storage dtype, quantised ones too (int8, fp8: bfloat16 values, one byte each); overrides `dtype`."""
     rows_per_chunk: int | None = Field(None, ge=1)
     """Rows per chunk (default: about 4 MiB per chunk)."""
     codec: Codec = DEFAULT_CODEC
@@ -46,15 +50,39 @@ class SyntheticConfig(Config):
 def make_synthetic_store(url: str, config: SyntheticConfig, overwrite: bool = False) -> ActivationStore:
     """Write a store of `config.rows` rows; token ids are the row index modulo 50,000."""
     c = config
+    if c.storage_dtype is not None and c.storage_dtype != c.dtype and c.dtype != "bfloat16":
+        raise ConfigError(f"dtype {c.dtype} and storage_dtype {c.storage_dtype} contradict each other; give one")
+    dtype, quantization = split_storage_dtype(c.storage_dtype or c.dtype)
     gen = torch.Generator().manual_seed(c.seed)
     L, d, F = c.num_layers, c.d_model, c.num_features
     enc = torch.randn(L, F, d, generator=gen) / math.sqrt(d)
     dec = [torch.randn(L - s, F, d, generator=gen) / math.sqrt(d * (L - s)) for s in range(L)]
+
+    def rows(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = torch.zeros(n, L, F)
+        idx = torch.rand(n, L, F, generator=gen).argsort(dim=-1)[..., : min(c.active_per_token, F)]
+        feats.scatter_(-1, idx, torch.rand(n, L, idx.shape[-1], generator=gen) * 2 + 0.5)
+        inputs = torch.einsum("nlf,lfd->nld", feats, enc)
+        targets = torch.zeros(n, L, d)
+        for s in range(L):
+            targets[:, s:] += torch.einsum("nf,tfd->ntd", feats[:, s], dec[s])
+        inputs += c.noise * torch.randn(inputs.shape, generator=gen)
+        targets += c.noise * torch.randn(targets.shape, generator=gen)
+        return inputs, targets, torch.arange(start, start + n) % 50_000
+
+    block = max(1, min(c.rows, 4096))
+    first = rows(0, block)
+    reference = None
+    if quantization != "none":  # from the first rows, as extraction computes it
+        head = [t[:REFERENCE_ROWS].to(torch.bfloat16) for t in first[:2]]
+        reference = reference_from_rows(*head)
     store = ActivationStore.create(
         url,
         num_layers=L,
         d_model=d,
-        dtype=c.dtype,
+        dtype=dtype,
+        quantization=quantization,
+        reference=reference,
         rows_per_chunk=c.rows_per_chunk,
         compression=c.codec,
         overwrite=overwrite,
@@ -62,19 +90,8 @@ def make_synthetic_store(url: str, config: SyntheticConfig, overwrite: bool = Fa
         text_dataset="synthetic",
         seed=c.seed,
     )
-    block = max(1, min(c.rows, 4096))
     with store.writer() as writer:
-        for start in range(0, c.rows, block):
-            n = min(block, c.rows - start)
-            feats = torch.zeros(n, L, F)
-            idx = torch.rand(n, L, F, generator=gen).argsort(dim=-1)[..., : min(c.active_per_token, F)]
-            feats.scatter_(-1, idx, torch.rand(n, L, idx.shape[-1], generator=gen) * 2 + 0.5)
-            inputs = torch.einsum("nlf,lfd->nld", feats, enc)
-            targets = torch.zeros(n, L, d)
-            for s in range(L):
-                targets[:, s:] += torch.einsum("nf,tfd->ntd", feats[:, s], dec[s])
-            inputs += c.noise * torch.randn(inputs.shape, generator=gen)
-            targets += c.noise * torch.randn(targets.shape, generator=gen)
-            ids = torch.arange(start, start + n) % 50_000
-            writer.append(inputs, targets, ids)
+        writer.append(*first)
+        for start in range(block, c.rows, block):
+            writer.append(*rows(start, min(block, c.rows - start)))
     return store

@@ -5,9 +5,10 @@ What is checked, and how severe a finding is:
 - problems (the report fails, `clt verify` exits 1): the store cannot be opened (bad URL, missing or invalid
   `clt_dataset` metadata, format_version mismatch, array shapes/dtypes/chunking that contradict the metadata, arrays
   shorter than `rows_committed`); a `logical_dtype` attribute missing on `inputs`/`targets`; `token_ids` not a 1-D
-  int32 array; norm stats that exist but are incomplete, mis-shaped, non-finite or negative; a committed chunk whose
-  object is missing (Zarr would silently read it as zeros); and, with `scan=True`, chunks that fail to decode
-  (truncated or overwritten objects), rows holding NaN/Inf, and token ids below -1.
+  int32 array; norm stats that exist but are incomplete, mis-shaped, non-finite or negative; a quantised store
+  holding rows without its complete quantisation reference; a committed chunk whose object is missing (Zarr would
+  silently read it as zeros); and, with `scan=True`, chunks that fail to decode (truncated or overwritten objects),
+  rows holding NaN/Inf (in a quantised store: as they read back, dequantised), and token ids below -1.
 - warnings (reported, but the store is usable): no norm stats yet — they are a separate pipeline step
   (`clt norm-stats`) and a store straight out of extraction legitimately lacks them, so their absence must not fail
   a check run between the two steps; norm stats computed over a different number of rows than are committed (stale
@@ -30,6 +31,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from clt_core.data.layout import SCALE_ARRAYS, RawRows
+from clt_core.data.norm_stats import finite_rows
 from clt_core.data.shards import describe_progress
 from clt_core.data.storage import filesystem, storage_errors
 from clt_core.errors import StoreError, first_line
@@ -128,9 +131,8 @@ def verify_store(url: str, *, scan: bool = True, progress: bool = True, workers:
     report.opened = True
     report.rows = store.num_rows
     report.chunks = store.num_chunks
-    report.geometry = (
-        f"{store.num_layers} layers x {store.d_model}, {store.dtype}, {store.rows_per_chunk} rows per chunk"
-    )
+    stored = store.dtype if not store.quantized else f"{store.quantization} (read as {store.dtype})"
+    report.geometry = f"{store.num_layers} layers x {store.d_model}, {stored}, {store.rows_per_chunk} rows per chunk"
     for check in (_check_metadata, _check_norm_stats, _check_chunk_objects):
         try:
             check(store, report)
@@ -164,7 +166,13 @@ def _check_metadata(store: ActivationStore, report: VerifyReport) -> None:
     ids = store.token_ids
     if ids.ndim != 1 or ids.dtype != np.int32:
         report.problems.append(f"'token_ids' is {ids.dtype} with shape {ids.shape}; the format needs a 1-D int32 array")
-    lengths = {a.basename: a.shape[0] for a in (store.inputs, store.targets, ids)}
+    if store.quantized and store.load_reference() is None:
+        missing = f"the {store.quantization} store has no complete quantisation reference"
+        if store.num_rows:
+            report.problems.append(f"{missing}: its rows cannot be read")
+        else:
+            report.warnings.append(f"{missing} yet (a writer computes it before the first row)")
+    lengths = {a.basename: a.shape[0] for a in store.row_arrays}
     extra = max(lengths.values()) - store.num_rows
     if (sharded := describe_progress(store)) is not None:
         report.warnings.append(sharded)
@@ -209,7 +217,7 @@ def _check_chunk_objects(store: ActivationStore, report: VerifyReport) -> None:
     finds it. Also notes chunks past the committed rows and `*.partial` files left by a killed local writer."""
     fs = filesystem(store.loc)
     with storage_errors(store.url, "list the chunk objects"):
-        for arr in (store.inputs, store.targets, store.token_ids):
+        for arr in store.row_arrays:
             prefix = f"{store.loc.path}/{arr.path}/"
             found = {p.removeprefix(prefix) for p in fs.find(prefix + "c")}
             partial = {p for p in found if p.endswith(".partial")}
@@ -250,7 +258,8 @@ def _read_chunk(store: ActivationStore, chunk: int) -> ChunkScan:
     start, stop = store.chunk_rows(chunk)
     result = ChunkScan(chunk, start, stop)
     nonfinite = np.zeros(stop - start, dtype=bool)
-    for arr in (store.inputs, store.targets, store.token_ids):
+    decoded: dict[str, np.ndarray] = {}
+    for arr in store.row_arrays:
         try:
             with storage_errors(store.url, f"read chunk {chunk} of '{arr.basename}'"):
                 data = np.asarray(arr[start:stop])
@@ -260,10 +269,14 @@ def _read_chunk(store: ActivationStore, chunk: int) -> ChunkScan:
         except Exception as err:  # codec and reshape errors: the object is truncated or overwritten
             result.errors[arr.basename] = first_line(err, with_type=True)
             continue
+        decoded[arr.basename] = data
         if arr is store.token_ids:
             result.bad_token_rows = int((data < -1).sum())
-        else:
+        elif not store.quantized:
             nonfinite |= _nonfinite_mask(data, store.dtype)
+    if store.quantized and not result.errors and store.load_reference() is not None:  # the values as read back
+        rows = store.decode(RawRows(*(decoded[name] for name in ("inputs", "targets", "token_ids", *SCALE_ARRAYS))))
+        nonfinite |= ~finite_rows(rows.inputs, rows.targets).numpy()
     result.nonfinite_rows = (np.flatnonzero(nonfinite) + start).tolist()
     return result
 

@@ -20,9 +20,10 @@ from tqdm import tqdm
 
 from clt_core.config import Config
 from clt_core.data.codecs import DEFAULT_CODEC, Codec
-from clt_core.data.layout import DType
+from clt_core.data.layout import StorageDType, split_storage_dtype
 from clt_core.data.lease import StoreLease
 from clt_core.data.norm_stats import NormStatsAccumulator
+from clt_core.data.quantize import REFERENCE_ROWS, QuantReference, ensure_reference, reference_from_rows
 from clt_core.data.shards import (
     Shard,
     ShardProgress,
@@ -58,8 +59,9 @@ class ExtractConfig(Config):
     """Tokens per window, including the BOS."""
     batch_size: int = Field(8, ge=1)
     """Windows per forward pass."""
-    storage_dtype: DType = "bfloat16"
-    """Dtype of the stored activations."""
+    storage_dtype: StorageDType = "bfloat16"
+    """Dtype of the stored activations: bfloat16, float16, float32, or quantised to one byte a value, int8 or fp8
+    (e4m3fn) with a scale per row and layer, read back as bfloat16 (docs/formats.md)."""
     compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     """Dtype the model runs in."""
     device: str = "auto"
@@ -127,11 +129,13 @@ def _open_or_create(
     """The store to write: a new one, or (same settings only) the one a previous or sibling run began. Creating
     with `exist_ok` also completes a store whose creation was killed, and lets shards that start together all
     create it."""
+    dtype, quantization = split_storage_dtype(config.storage_dtype)
     store = ActivationStore.create(
         url,
         num_layers=loaded.num_layers,
         d_model=loaded.d_model,
-        dtype=config.storage_dtype,
+        dtype=dtype,
+        quantization=quantization,
         rows_per_chunk=config.chunk_rows,
         compression=config.codec,
         overwrite=overwrite,
@@ -139,7 +143,12 @@ def _open_or_create(
         reserve_rows=config.tokens if sharded else 0,
         **provenance,
     )
-    store.require(num_layers=loaded.num_layers, d_model=loaded.d_model, dtype=config.storage_dtype)
+    store.require(num_layers=loaded.num_layers, d_model=loaded.d_model)
+    if store.storage_dtype != config.storage_dtype:
+        raise StoreError(
+            f"{store.url} was extracted with storage dtype {store.storage_dtype}, now {config.storage_dtype}; resume "
+            "with the same storage dtype, or pass --overwrite to start over"
+        )
     if store.codec != config.codec:
         raise StoreError(
             f"{store.url} was extracted with codec {store.codec}, now {config.codec}; resume with the same codec, or "
@@ -197,7 +206,27 @@ def _extract_leased(
             f"{config.context_size}: {available.rows:,} rows; lower --tokens or add text"
         )
     store = _open_or_create(url, config, loaded, provenance, overwrite, sharded)
+    if store.quantized:  # before any row: the same one for every shard, and for a resumed run the stored one
+        ensure_reference(store, lambda: _first_rows_reference(config, loaded, text, points, device))
     return _extract_rows(store, config, loaded, text, points, shard, lease, start_time, device, progress)
+
+
+def _first_rows_reference(
+    config: ExtractConfig, loaded: LoadedModel, text: TextConfig, points: CapturePoints, device: str
+) -> QuantReference:
+    """The quantisation reference of the store's first rows (`REFERENCE_ROWS`, or all when fewer), whichever shard
+    computes it: their forward pass, rounded to bfloat16."""
+    want = min(config.tokens, REFERENCE_ROWS)
+    windows = rows_between(iter_windows(text, loaded.tokenizer, config.context_size), 0, want)
+    capture = NNsightCapture(loaded.model, points)
+    inputs, targets = [], []
+    for batch in batched_windows(windows, config.batch_size):
+        ids = torch.from_numpy(np.stack([w.token_ids for w in batch])).to(device)
+        keep = torch.from_numpy(np.stack([w.keep for w in batch])).to(device)
+        x, y = capture(ids)
+        inputs.append(x[keep].to("cpu", torch.bfloat16))
+        targets.append(y[keep].to("cpu", torch.bfloat16))
+    return reference_from_rows(torch.cat(inputs)[:want], torch.cat(targets)[:want])
 
 
 def _extract_rows(

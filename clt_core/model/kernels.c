@@ -10,7 +10,9 @@
  * bands of columns, so one band of W (decode) or of G (backward) at a time is in cache.
  * error:    out[t][b] += b_dec[t] - y[b][t]                           the reconstruction made the error, in place
  * adam:     one Adam(W) update of a float32 parameter from its bf16 gradient, writing the bf16 compute copy
- * rows:     the sampler's rows normalised (x·scale + bias) into their shuffled places, NaN/Inf rows flagged */
+ * rows:     the sampler's rows normalised (x·scale + bias) into their shuffled places, NaN/Inf rows flagged
+ * quantise: rows standardised by the store's reference, one absmax scale per row and layer, coded as int8 or fp8
+ * dequantise: the inverse, to bf16, optionally normalised into the sampler's shuffled places (data/quantize.py) */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -430,6 +432,209 @@ void clt_prepare_rows(const bf16 *src, int64_t n, int64_t len, const float *scal
             }
         }
         if (special) bad[r] = 1;
+    }
+}
+
+/* -- quantised rows ------------------------------------------------------------------------------------------------ */
+
+/* Codes of quantised stores (data/quantize.py): kind 0 int8, kind 1 fp8 e4m3fn as its bits (sign, 4 exponent bits
+ * of bias 7, 3 mantissa bits; no infinities, 0x7f/0xff NaN, largest 448). Every conversion is exact or rounds to
+ * nearest even exactly as PyTorch's (c10's fp8e4m3fn_from_fp32_value), so the codes and values equal the PyTorch path
+ * bit for bit. */
+
+static inline float fp8_to_f32(uint8_t b) {
+    const uint32_t mag = b & 0x7fu, sign = (uint32_t)(b & 0x80u) << 24;
+    uint32_t u;
+    if (mag == 0x7fu) u = sign | 0x7fc00000u;
+    else if (mag < 8u) { /* subnormal: mag · 2^-9, exact */
+        const float f = (float)mag * 0x1p-9f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    } else u = sign | ((mag << 20) + (120u << 23)); /* rebias the exponent 7 -> 127, mantissa as it is */
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint8_t f32_to_fp8(float f) { /* |f| <= 448, finite; round to nearest even */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    const uint32_t sign = (u >> 24) & 0x80u;
+    u &= 0x7fffffffu;
+    uint32_t code;
+    if (u < (121u << 23)) { /* below 2^-6: a multiple of 2^-9, rounded by adding 2^14 */
+        float a, t;
+        memcpy(&a, &u, 4);
+        t = a + 16384.0f;
+        uint32_t tb;
+        memcpy(&tb, &t, 4);
+        code = tb - 0x46800000u;
+    } else {
+        const uint32_t odd = (u >> 20) & 1u;
+        u += 0xc4000000u + 0x7ffffu + odd; /* (7 - 127) << 23, wrapped, then the rounding */
+        code = u >> 20;
+    }
+    return (uint8_t)(code | sign);
+}
+
+static inline float code_to_f32(const uint8_t *q, int64_t i, int kind) {
+    return kind == 0 ? (float)(int8_t)q[i] : fp8_to_f32(q[i]);
+}
+
+#ifdef __AVX512F__
+static inline __m512 codes_to_f32(const uint8_t *q, int kind) { /* 16 codes */
+    const __m128i raw = _mm_loadu_si128((const __m128i *)q);
+    if (kind == 0) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+    const __m512i b = _mm512_cvtepu8_epi32(raw);
+    const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi32(0x7f));
+    const __m512i sign = _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(0x80)), 24);
+    __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), _mm512_set1_epi32(120 << 23));
+    const __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(mag), _mm512_set1_ps(0x1p-9f));
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmplt_epi32_mask(mag, _mm512_set1_epi32(8)), _mm512_castps_si512(sub));
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f)),
+                                 _mm512_set1_epi32(0x7fc00000));
+    return _mm512_castsi512_ps(_mm512_or_si512(bits, sign));
+}
+
+static inline __m512i f32_to_fp8_16(__m512 v) { /* 16 values, within ±448: their fp8 codes (in 32-bit lanes) */
+    const __m512i u0 = _mm512_castps_si512(v);
+    const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(u0, 24), _mm512_set1_epi32(0x80));
+    const __m512i u = _mm512_and_si512(u0, _mm512_set1_epi32(0x7fffffff));
+    const __m512 t = _mm512_add_ps(_mm512_castsi512_ps(u), _mm512_set1_ps(16384.0f));
+    const __m512i small = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(0x46800000));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1));
+    const __m512i big = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32((int)(0xc4000000u + 0x7ffffu))), odd), 20);
+    const __m512i code = _mm512_mask_mov_epi32(big, _mm512_cmplt_epu32_mask(u, _mm512_set1_epi32(121 << 23)), small);
+    return _mm512_or_si512(code, sign);
+}
+#endif
+
+/* Rows `src [n, L, d]` (bf16) to codes `q [n, L, d]` and scales `scale [n, L]`: per row r and layer l,
+ * z = (x - centre[l]) / spread[l] (float32), a = max |z|, scale = a / qmax (127 int8, 448 fp8), q = round(z / scale)
+ * (int8: to nearest even, clamped to ±127; fp8: clamped to ±448, rounded to nearest even). A row-layer holding a
+ * NaN or an Inf (in x or in z) gets scale NaN and codes 0, so it reads back as NaN; scale 0 (all z zero) codes 0. */
+void clt_quantize_rows(const bf16 *src, int64_t n, int64_t L, int64_t d, const float *centre, const float *spread,
+                       int kind, uint8_t *q, float *scale, int threads) {
+    const float qmax = kind == 0 ? 127.0f : 448.0f;
+    if (threads < 1 || n * L * d < (1 << 16)) threads = 1;
+#pragma omp parallel num_threads(threads)
+    {
+        float *z = malloc((size_t)d * sizeof(float));
+#pragma omp for schedule(static)
+        for (int64_t rl = 0; rl < n * L; rl++) {
+            const int64_t l = rl % L;
+            const bf16 *x = src + rl * d;
+            const float *c = centre + l * d, *s = spread + l * d;
+            uint8_t *out = q + rl * d;
+            float amax = 0.0f;
+            int bad = 0;
+            int64_t i = 0;
+#ifdef __AVX512F__
+            __m512 vmax = _mm512_setzero_ps();
+            const __m512 big = _mm512_set1_ps(3.40282347e38f);
+            for (; i + 16 <= d; i += 16) {
+                const __m512 v = _mm512_div_ps(_mm512_sub_ps(widen(x + i), _mm512_loadu_ps(c + i)),
+                                               _mm512_loadu_ps(s + i));
+                _mm512_storeu_ps(z + i, v);
+                const __m512 a = _mm512_abs_ps(v);
+                bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ) != 0;
+                vmax = _mm512_max_ps(vmax, a);
+            }
+            amax = _mm512_reduce_max_ps(vmax);
+#endif
+            for (; i < d; i++) {
+                z[i] = (to_f32(x[i]) - c[i]) / s[i];
+                const float a = fabsf(z[i]);
+                bad |= !(a <= 3.40282347e38f);
+                if (a > amax) amax = a;
+            }
+            const float sc = amax / qmax;
+            const float div = !bad && sc > 0.0f ? sc : 1.0f;
+            scale[rl] = bad ? NAN : sc;
+            if (bad) {
+                memset(out, 0, (size_t)d);
+                continue;
+            }
+            i = 0;
+#ifdef __AVX512F__
+            const __m512 vdiv = _mm512_set1_ps(div), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+            for (; i + 16 <= d; i += 16) {
+                const __m512 v = _mm512_div_ps(_mm512_loadu_ps(z + i), vdiv);
+                __m512i k;
+                if (kind == 0) {
+                    k = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(-127)), _mm512_set1_epi32(127));
+                } else k = f32_to_fp8_16(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+                _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtepi32_epi8(k));
+            }
+#endif
+            for (; i < d; i++) {
+                float v = z[i] / div;
+                if (kind == 0) {
+                    float r = nearbyintf(v);
+                    r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+                    out[i] = (uint8_t)(int8_t)r;
+                } else {
+                    v = v > qmax ? qmax : v < -qmax ? -qmax : v;
+                    out[i] = f32_to_fp8(v);
+                }
+            }
+        }
+        free(z);
+    }
+}
+
+/* Codes `q [n, L, d]` with scales `scale [n, L]` back to bf16: h = bf16(((float)q · scale) · spread + centre), each
+ * step rounded in float32 (the PyTorch path's order). Row i goes to row positions[i] of `dst` (row i without
+ * `positions`), as h, or with `nscale` as bf16(h · nscale + nbias) (the Normalizer's arithmetic, as
+ * clt_prepare_rows); bad[i] |= whether h holds a NaN or an Inf (with `bad`). One pass from the stored bytes to the
+ * sampler's window. */
+void clt_dequantize_rows(const uint8_t *q, int kind, const float *scale, int64_t n, int64_t L, int64_t d,
+                         const float *centre, const float *spread, const float *nscale, const float *nbias, bf16 *dst,
+                         const int64_t *positions, uint8_t *bad, int threads) {
+    if (threads < 1 || n * L * d < (1 << 16)) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < n; r++) {
+        bf16 *y = dst + (positions ? positions[r] : r) * L * d;
+        int special = 0;
+        for (int64_t l = 0; l < L; l++) {
+            const uint8_t *x = q + (r * L + l) * d;
+            const float s = scale[r * L + l];
+            const float *c = centre + l * d, *w = spread + l * d;
+            const float *ns = nscale ? nscale + l * d : NULL, *nb = nbias ? nbias + l * d : NULL;
+            bf16 *o = y + l * d;
+            int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+            const __m512 vs = _mm512_set1_ps(s);
+            const __m256i exp_mask = _mm256_set1_epi16(0x7f80);
+            for (; i + 16 <= d; i += 16) {
+                const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(codes_to_f32(x + i, kind), vs),
+                                                             _mm512_loadu_ps(w + i)),
+                                               _mm512_loadu_ps(c + i));
+                __m256i h = (__m256i)_mm512_cvtneps_pbh(v);
+                special |= _mm256_movemask_epi8(_mm256_cmpeq_epi16(_mm256_and_si256(h, exp_mask), exp_mask)) != 0;
+                if (ns) {
+                    const __m512 wide = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                    h = (__m256i)_mm512_cvtneps_pbh(
+                        _mm512_add_ps(_mm512_mul_ps(wide, _mm512_loadu_ps(ns + i)), _mm512_loadu_ps(nb + i)));
+                }
+                _mm256_storeu_si256((__m256i *)(o + i), h);
+            }
+#endif
+            for (; i < d; i++) {
+                const float a = code_to_f32(x, i, kind) * s;
+                const float b = a * w[i];
+                bf16 h = to_bf16(b + c[i]);
+                special |= (h & 0x7f80u) == 0x7f80u;
+                if (ns) {
+                    const float prod = to_f32(h) * ns[i];
+                    h = to_bf16(prod + nb[i]);
+                }
+                o[i] = h;
+            }
+        }
+        if (special && bad) bad[r] = 1;
     }
 }
 

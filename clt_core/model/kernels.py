@@ -1,6 +1,6 @@
 """Compiled CPU kernels (kernels.c): the bf16 sparse decoder's (decode, backward: one call per source layer), the
-error in place, each layer's feature-major order, the Adam(W) pass over bf16 compute copies, and the sampler's row
-preparation.
+error in place, each layer's feature-major order, the Adam(W) pass over bf16 compute copies, the sampler's row
+preparation, and the quantised stores' coding and decoding (data/quantize.py).
 
 PyTorch's kernels for the decoder (embedding bags and MKL's sampled product, model/sparse.py) read every active
 entry's weight row from cache at a fraction of this CPU's rate, convert each bf16 block to float32 first, and read
@@ -75,6 +75,8 @@ def _library() -> ctypes.CDLL | None:
     lib.clt_feature_major.argtypes = [ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, i32]
     lib.clt_prepare_rows.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, i32]
     lib.clt_error.argtypes = [ptr, ptr, ptr, i64, i64, i64, ctypes.c_int]
+    lib.clt_quantize_rows.argtypes = [ptr, i64, i64, i64, ptr, ptr, i32, ptr, ptr, i32]
+    lib.clt_dequantize_rows.argtypes = [ptr, i32, ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i32]
     lib.clt_entries_above.argtypes = [ptr, ptr, i64, i64, ctypes.c_float, ptr, ptr, i64, ctypes.c_int]
     lib.clt_entries_above.restype = i64
     return lib
@@ -167,6 +169,64 @@ def prepare_rows(
     if not shapes_ok or (scale is not None and (scale.numel() != length or bias is None or bias.numel() != length)):
         raise ValueError(f"prepare_rows: rows {tuple(rows.shape)}, out {tuple(out.shape)}, {len(positions)} positions")
     _call("clt_prepare_rows", rows, n, length, scale, bias, out, positions, bad, threads=1)
+
+
+QUANT_KINDS = {"int8": (0, torch.int8), "fp8": (1, torch.uint8)}
+"""Quantisation -> (the kernels' code kind, torch dtype of the codes: fp8 e4m3fn as its uint8 bits)."""
+
+
+def quantize_rows(
+    rows: torch.Tensor, centre: torch.Tensor, spread: torch.Tensor, kind: str, codes: torch.Tensor, scale: torch.Tensor
+) -> None:
+    """Code bf16 `rows [n, L, d]` into `codes [n, L, d]` (int8, or uint8 fp8 bits) and `scale [n, L]` float32, with
+    the reference `centre`, `spread` float32 `[L, d]` (data/quantize.py has the arithmetic). On the calling thread."""
+    n, L, d = rows.shape
+    number, code_dtype = QUANT_KINDS[kind]
+    _check((rows, torch.bfloat16), (centre, torch.float32), (spread, torch.float32), (codes, code_dtype),
+           (scale, torch.float32))  # fmt: skip
+    if centre.shape != (L, d) or spread.shape != (L, d) or codes.shape != rows.shape or scale.shape != (n, L):
+        raise ValueError(
+            f"quantize_rows: rows {tuple(rows.shape)}, codes {tuple(codes.shape)}, scale {tuple(scale.shape)}"
+        )
+    _call("clt_quantize_rows", rows, n, L, d, centre, spread, number, codes, scale, threads=1)
+
+
+def dequantize_rows(
+    codes: torch.Tensor,
+    kind: str,
+    scale: torch.Tensor,
+    centre: torch.Tensor,
+    spread: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    norm_scale: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    bad: torch.Tensor | None = None,
+) -> None:
+    """`out[positions[i]] = bf16(((codes[i]·scale[i]) · spread + centre)`, then `·norm_scale + norm_bias` rounded to
+    bf16 again when given (as `prepare_rows` normalises): `codes [n, L, d]` (int8, or uint8 fp8 bits), `scale [n, L]`,
+    `centre`, `spread`, `norm_*` float32 `[L, d]`, `out [m, L, d]` bf16 (row i to row i without `positions`); sets
+    `bad[i]` (bool `[n]`) where the dequantised row holds NaN/Inf. On the calling thread."""
+    n, L, d = codes.shape
+    number, code_dtype = QUANT_KINDS[kind]
+    _check((codes, code_dtype), (scale, torch.float32), (centre, torch.float32), (spread, torch.float32),
+           (out, torch.bfloat16))  # fmt: skip
+    for t, dtype in ((norm_scale, torch.float32), (norm_bias, torch.float32), (positions, torch.int64),
+                     (bad, torch.bool)):  # fmt: skip
+        if t is not None:
+            _check((t, dtype))
+    ok = scale.shape == (n, L) and centre.shape == spread.shape == (L, d) and out.shape[1:] == (L, d)
+    ok &= (norm_scale is None) == (norm_bias is None)
+    ok &= norm_scale is None or (norm_scale.numel() == L * d and norm_bias is not None and norm_bias.numel() == L * d)
+    ok &= (positions is None and out.shape[0] >= n) or (positions is not None and positions.shape == (n,))
+    ok &= bad is None or bad.shape == (n,)
+    if not ok:
+        raise ValueError(
+            f"dequantize_rows: codes {tuple(codes.shape)}, scale {tuple(scale.shape)}, out {tuple(out.shape)}"
+        )
+    _call("clt_dequantize_rows", codes, number, scale, n, L, d, centre, spread, norm_scale, norm_bias, out, positions,
+          bad, threads=1)  # fmt: skip
 
 
 def error(out: torch.Tensor, targets: torch.Tensor, b_dec: torch.Tensor) -> None:

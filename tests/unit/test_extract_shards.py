@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import extract_config
 
 from clt_core.data.shards import Shard, ShardProgress, describe_progress, read_progress, record_progress
 from clt_core.data.store import ActivationStore, store_exists
@@ -26,17 +27,9 @@ CHUNK = 64
 
 
 def config(model: Path, **kw: object) -> ExtractConfig:
-    base = {
-        "model": str(model),
-        "text": TextConfig(source="packaged:kjv", max_documents=60),
-        "tokens": TOKENS,
-        "context_size": 32,
-        "batch_size": 1,  # many small batches: a run long enough to be killed while it writes
-        "compute_dtype": "float32",
-        "storage_dtype": "bfloat16",
-        "chunk_rows": CHUNK,
-    }
-    return ExtractConfig(**{**base, **kw})
+    base = {"text": TextConfig(source="packaged:kjv", max_documents=60), "tokens": TOKENS, "storage_dtype": "bfloat16"}
+    # many small batches: a run long enough to be killed while it writes
+    return extract_config(model, **{**base, "batch_size": 1, "chunk_rows": CHUNK, **kw})
 
 
 def cli_args(cfg: ExtractConfig, out: str) -> list[str]:

@@ -9,32 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import extract_config
 
 from clt_core.data.norm_stats import compute_norm_stats
 from clt_core.data.store import ActivationStore
 from clt_core.data.verify import verify_store
 from clt_core.errors import CLTError
-from clt_core.extract.extractor import ExtractConfig, extract
+from clt_core.extract.extractor import extract
 from clt_core.lm.capture import capture_points, capture_with_hooks
-from clt_core.lm.corpora import TextConfig
 from clt_core.lm.loading import resolve_model
 from clt_core.lm.windows import iter_windows, limit_rows
 
 T = 32
 
 
-def config(model: Path, **kw: object) -> ExtractConfig:
-    base = {
-        "model": str(model),
-        "text": TextConfig(source="packaged:kjv", max_documents=40),
-        "tokens": 300,
-        "context_size": T,
-        "batch_size": 4,
-        "compute_dtype": "float32",
-        "storage_dtype": "float32",
-        "chunk_rows": 64,
-    }
-    return ExtractConfig(**{**base, **kw})
+config = extract_config
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])

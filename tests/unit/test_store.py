@@ -20,7 +20,7 @@ import pytest
 import torch
 import zarr
 
-from clt_core.data.layout import FORMAT_VERSION, INFO_KEY, StoreInfo
+from clt_core.data.layout import FORMAT_VERSION, INFO_KEY, PLAIN_FORMAT_VERSION, StoreInfo
 from clt_core.data.store import ActivationStore
 from clt_core.errors import StoreError
 
@@ -239,7 +239,7 @@ def test_store_metadata_is_recorded(tmp_path: Path) -> None:
         context_size=128,
     )
     info = ActivationStore.open(str(tmp_path / "s")).info
-    assert info.format_version == FORMAT_VERSION
+    assert info.format_version == PLAIN_FORMAT_VERSION  # quantised stores are FORMAT_VERSION (test_quantize.py)
     assert (info.model["name"], info.seed, info.context_size, info.dtype) == ("gpt2", 7, 128, "bfloat16")
     assert info.created_at.startswith("20")
     assert store.rows_per_chunk >= 16

@@ -26,6 +26,7 @@ from clt_core.data.hdf5.layout import (
     dedupe_layout,
     local_dir,
 )
+from clt_core.data.layout import to_storage
 from clt_core.data.norm_stats import NormStats
 from clt_core.data.store import ActivationStore
 from clt_core.errors import StoreError, first_line
@@ -183,7 +184,7 @@ def _write_file(
         for store_row, file_row, count in runs:
             for a, b in blocks(file_row, file_row + count, step):
                 s = store_row + a - file_row
-                inputs, targets, ids = store.read_storage(s, s + b - a)
+                inputs, targets, ids = _stored_values(store, s, s + b - a)
                 for layer in range(L):
                     datasets[f"layer_{layer}/inputs"][a:b] = np.ascontiguousarray(inputs[:, layer])
                     datasets[f"layer_{layer}/targets"][a:b] = np.ascontiguousarray(targets[:, layer])
@@ -192,8 +193,17 @@ def _write_file(
                 advance(b - a)
 
 
+def _stored_values(store: ActivationStore, start: int, stop: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows [start, stop) in the logical dtype's storage form (bf16 as uint16 bits): as stored, or dequantised."""
+    if not store.quantized:
+        return store.read_storage(start, stop)
+    rows = store.read(start, stop)
+    return to_storage(rows.inputs, store.dtype), to_storage(rows.targets, store.dtype), rows.token_ids.numpy()
+
+
 def export_hdf5(src_url: str, dst_dir: str, *, overwrite: bool = False, progress: bool = True) -> Path:
-    """Write a store as a seed HDF5 directory: exactly the imported one if the store came from `import_hdf5`.
+    """Write a store as a seed HDF5 directory: exactly the imported one if the store came from `import_hdf5`. A
+    quantised store's values are written dequantised, in bfloat16 (the seed layout has no quantised form).
 
     norm_stats.json is written from the store's current norm stats (if any), so stats computed after an import are
     exported too. With `overwrite`, only the files of this layout are removed from an existing directory.
