@@ -46,30 +46,35 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 DEFAULT_BOS = {"smollm2-135m": "<|endoftext|>"}
 
 
-class ExtractConfig(Config):
-    """What to extract, from which model and text, and how."""
+class LanguageModelConfig(Config):
+    """A language model, the text it reads and how the text is packed: what extraction and the live source share."""
 
     model: str = "smollm2-135m"
     """A local model directory, a GGUF file, a Hugging Face hub id, or the alias `smollm2-135m`."""
     text: TextConfig = TextConfig()
     """The corpus and how it is packed (see TextConfig); `--text SOURCE` sets `text.source`."""
-    tokens: int = Field(100_000, ge=1)
-    """Token rows to write, exactly (BOS and special-token positions are not rows)."""
     context_size: int = Field(128, ge=2)
     """Tokens per window, including the BOS."""
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Dtype the model runs in."""
+    input_template: str | None = None
+    """Module path of the MLP input with `{layer}` (default: the architecture's preset)."""
+    output_template: str | None = None
+    """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
+
+
+class ExtractConfig(LanguageModelConfig):
+    """What to extract, from which model and text, and how."""
+
+    tokens: int = Field(100_000, ge=1)
+    """Token rows to write, exactly (BOS and special-token positions are not rows)."""
     batch_size: int = Field(8, ge=1)
     """Windows per forward pass."""
     storage_dtype: StorageDType = "bfloat16"
     """Dtype of the stored activations: bfloat16, float16, float32, or quantised to one byte a value, int8 or fp8
     (e4m3fn) with a scale per row and layer, read back as bfloat16 (docs/formats.md)."""
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Dtype the model runs in."""
     device: str = "auto"
     """`auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`."""
-    input_template: str | None = None
-    """Module path of the MLP input with `{layer}` (default: the architecture's preset)."""
-    output_template: str | None = None
-    """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
     chunk_rows: int | None = Field(None, ge=1)
     """Rows per store chunk (default: about 4 MiB per chunk)."""
     codec: Codec = DEFAULT_CODEC
@@ -102,8 +107,8 @@ class ExtractSummary:
         return line + f"{self.url} holds {self.rows:,} rows with norm stats"
 
 
-def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoints, shards: int) -> dict[str, Any]:
-    """What the store records about its origin; a resumed run must match it."""
+def lm_provenance(loaded: LoadedModel, points: CapturePoints, context_size: int, text: TextConfig) -> dict[str, Any]:
+    """What a store records about the language model and text its rows come from (extracted or live)."""
     return {
         "model": {
             "name": loaded.name,
@@ -111,9 +116,16 @@ def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoint
             "weights_hash": loaded.weights_hash,
             "revision": loaded.revision,
         },
-        "context_size": config.context_size,
+        "context_size": context_size,
         "hook_templates": points.as_dict(),
-        "text_dataset": source_name(config.text),
+        "text_dataset": source_name(text),
+    }
+
+
+def _provenance(config: ExtractConfig, loaded: LoadedModel, points: CapturePoints, shards: int) -> dict[str, Any]:
+    """What the store records about its origin; a resumed run must match it."""
+    return {
+        **lm_provenance(loaded, points, config.context_size, config.text),
         "extraction": {
             "tokens": config.tokens,
             "text": config.text.model_dump(mode="json"),

@@ -27,19 +27,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from clt_core.config import Config
 from clt_core.data.layout import ActivationRows, default_rows_per_chunk
 from clt_core.data.norm_stats import NormStatsAccumulator
 from clt_core.data.sampler import OUTPUT_DTYPES, Normalizer, SamplerConfig, place_rows
 from clt_core.data.stream import BlockStream
 from clt_core.errors import ConfigError, StoreError
-from clt_core.extract.extractor import COMPUTE_DTYPES, DEFAULT_BOS, ExtractConfig
+from clt_core.extract.extractor import (
+    COMPUTE_DTYPES,
+    DEFAULT_BOS,
+    ExtractConfig,
+    LanguageModelConfig,
+    lm_provenance,
+)
 from clt_core.lm.capture import CapturePoints, NNsightCapture, capture_points
 from clt_core.lm.corpora import TextConfig, source_name
 from clt_core.lm.loading import LoadedModel, resolve_model
@@ -48,25 +53,14 @@ from clt_core.lm.windows import PackedWindow, batched_windows, corpus_rows, iter
 STATE_VERSION = 1
 
 
-class LiveConfig(Config):
-    """Train straight from a language model (`clt train --model M --text T --tokens N`)."""
+class LiveConfig(LanguageModelConfig):
+    """Train straight from a language model (`clt train --model M --text T --tokens N`): the model, text and packing
+    as for extraction, and how its rows are streamed."""
 
-    model: str = "smollm2-135m"
-    """A local model directory, a GGUF file, a Hugging Face hub id, or the alias `smollm2-135m` (as for extraction)."""
-    text: TextConfig = TextConfig()
-    """The corpus and how it is packed, as for extraction; `--text SOURCE` sets `text.source`."""
     tokens: int = Field(1_000_000, ge=1)
     """Training token rows; the run trains ⌊tokens / sampler.batch_size⌋ steps, each row once."""
-    context_size: int = Field(128, ge=2)
-    """Tokens per window, including the BOS."""
     forward_batch: int = Field(8, ge=1)
     """Windows per forward pass of the language model."""
-    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    """Dtype the language model runs in."""
-    input_template: str | None = None
-    """Module path of the MLP input with `{layer}` (default: the architecture's preset)."""
-    output_template: str | None = None
-    """Module path of the MLP output with `{layer}` (default: the architecture's preset)."""
     shuffle_rows: int = Field(16384, ge=1)
     """Rows mixed together (the mixing buffer): each batch draws from about this many rows; memory is
     `(prefetch_buffers + 2)` buffers (computed ahead, being filled, being trained on) of `shuffle_rows · L · d · 2`
@@ -171,20 +165,11 @@ class LiveSource(BlockStream):
 
     def store_info(self) -> dict[str, Any]:
         """What a store extracted by this model would record about its origin (for a run without held-out rows)."""
-        loaded = self.loaded
         return {
             "num_layers": self.num_layers,
             "d_model": self.d_model,
             "dtype": self.config.compute_dtype,
-            "model": {
-                "name": loaded.name,
-                "architecture": loaded.architecture,
-                "weights_hash": loaded.weights_hash,
-                "revision": loaded.revision,
-            },
-            "context_size": self.config.context_size,
-            "hook_templates": self.points.as_dict(),
-            "text_dataset": source_name(self.text),
+            **lm_provenance(self.loaded, self.points, self.config.context_size, self.text),
         }
 
     def model_bytes(self) -> int:
