@@ -20,7 +20,7 @@ from tqdm import tqdm
 from clt_core.config import Config
 from clt_core.convert.calibrate import l0_per_layer, layer_scales
 from clt_core.convert.theta import ESTIMATORS, ThresholdStats
-from clt_core.data.sampler import held_out_batches, held_out_range
+from clt_core.data.sampler import held_out_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
@@ -93,9 +93,8 @@ def convert(
     store = ActivationStore.open(data)
     store.require(num_layers=model.config.num_layers, d_model=model.config.d_model)
     sampler = source.get("sampler", {})
-    fraction = config.holdout_fraction or sampler.get("holdout_fraction") or 0.05
     batch_size = config.batch_size or sampler.get("batch_size") or 1024
-    start, stop = held_out_range(store, fraction)
+    start, stop, _ = trained.held_out_rows(store, config.holdout_fraction)
     held = stop - start
     fit_rows = config.fit_rows or min(config.batches * batch_size, held // 2)
     if fit_rows < 1 or fit_rows >= held:

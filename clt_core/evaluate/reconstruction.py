@@ -14,28 +14,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from clt_core.data.sampler import held_out_batches, held_out_range
+from clt_core.data.sampler import held_out_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import ConfigError
 from clt_core.model.directory import TrainedModel, load
 from clt_core.model.metrics import reconstruction_metrics
 
 log = logging.getLogger(__name__)
-
-DEFAULT_HOLDOUT_FRACTION = 0.05
-
-
-def training_holdout_fraction(trained: TrainedModel) -> float | None:
-    """The held-out share the model was trained with: `source.json`'s sampler, else `../train_config.yaml`."""
-    sampler = trained.source.get("sampler")
-    if sampler is None:
-        train_config = trained.path.parent / "train_config.yaml"
-        if train_config.exists():
-            sampler = (yaml.safe_load(train_config.read_text()) or {}).get("sampler")
-    value = (sampler or {}).get("holdout_fraction")
-    return None if value is None else float(value)
 
 
 def evaluate_model(
@@ -69,14 +54,7 @@ def evaluate_model(
             f"{store.url} has {store.num_layers} layers of width {store.d_model}, the model {model_dir} "
             f"{cfg.num_layers} of width {cfg.d_model}: evaluate it on a store of its own language model"
         )
-    fraction = holdout_fraction
-    if fraction is None:
-        fraction = training_holdout_fraction(trained)
-        if fraction == 0:
-            log.warning("%s was trained on every row of its store: the rows evaluated on are not held out", model_dir)
-        if not fraction:
-            fraction = DEFAULT_HOLDOUT_FRACTION
-    start, stop = held_out_range(store, fraction)
+    start, stop, fraction = trained.held_out_rows(store, holdout_fraction)
     conversion = model_dir / "conversion.json"
     if conversion.exists() and data_url is None:
         start += json.loads(conversion.read_text()).get("fit_rows", 0)  # rows the thresholds were fitted on

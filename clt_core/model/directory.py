@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+import yaml
 from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from clt_core.config import format_validation_error
-from clt_core.data.sampler import Normalizer, SamplerConfig
+from clt_core.data.sampler import Normalizer, SamplerConfig, held_out_range
+from clt_core.data.store import ActivationStore
 from clt_core.errors import CLTError, ConfigError
 from clt_core.model.clt import CrossLayerTranscoder
 from clt_core.model.config import CLTConfig
@@ -39,6 +42,10 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NORMALIZATION_FILE = "normalization.safetensors"
 SOURCE_FILE = "source.json"
+
+log = logging.getLogger(__name__)
+DEFAULT_HOLDOUT_FRACTION = 0.05
+"""The held-out share evaluated on for a model that trained on every row of its store (those rows are not held out)."""
 
 
 class TrainedModel(NamedTuple):
@@ -68,6 +75,27 @@ class TrainedModel(NamedTuple):
         this version does not know are ignored)."""
         recorded = self.source.get("sampler") or {}
         return SamplerConfig.model_validate({k: v for k, v in recorded.items() if k in SamplerConfig.model_fields})
+
+    def held_out_rows(self, store: ActivationStore, holdout_fraction: float | None = None) -> tuple[int, int, float]:
+        """Rows [start, stop) of `store` the model did not train on, and the share of its chunks they are: with
+        `holdout_fraction`, that share's tail; all of a live run's own held-out store (`OUT/held_out`, share 1);
+        else the tail of the split it trained with (`DEFAULT_HOLDOUT_FRACTION` where it kept none: not held out)."""
+        if holdout_fraction is None and "live" in self.source and store.url == self.data_url:
+            return 0, store.num_rows, 1.0
+        fraction = holdout_fraction
+        if fraction is None:
+            sampler = self.source.get("sampler")
+            train_config = self.path.parent / "train_config.yaml"
+            if sampler is None and train_config.exists():  # model directories written before source.json said it
+                sampler = (yaml.safe_load(train_config.read_text()) or {}).get("sampler")
+            fraction = (sampler or {}).get("holdout_fraction")
+            if not fraction:
+                log.warning(
+                    "%s was trained on every row of its store: the rows evaluated on are not held out", self.path
+                )
+                fraction = DEFAULT_HOLDOUT_FRACTION
+        start, stop = held_out_range(store, float(fraction))
+        return start, stop, float(fraction)
 
 
 def load(path: str | Path, *, device: str | torch.device = "cpu", shards: FeatureShards | None = None) -> TrainedModel:

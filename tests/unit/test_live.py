@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from clt_core.convert.converter import ConvertConfig, convert
 from clt_core.data.sampler import SamplerConfig, held_out_batches
 from clt_core.data.store import ActivationStore
 from clt_core.errors import CLTError
+from clt_core.evaluate.reconstruction import evaluate_model
 from clt_core.extract.extractor import extract
 from clt_core.extract.live import LiveConfig, LiveSource
 from clt_core.lm.corpora import TextConfig
@@ -135,6 +137,20 @@ def test_a_live_run_trains_evaluates_and_resumes_bit_for_bit(
     assert step_losses(whole.output_dir) == step_losses(resumed.output_dir)
     wa, wb = load_file(str(whole.final / "model.safetensors")), load_file(str(resumed.final / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_live_model_converts_and_evaluates_on_all_its_held_out_rows(
+    tiny_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """OUT/held_out holds only held-out rows: conversion fits on its first half, evaluation scores the second."""
+    run = train(train_config(tiny_dirs["llama"], tmp_path / "run", checkpoint_interval=100), progress=False)
+    report = convert(run.final, tmp_path / "jumprelu", ConvertConfig(batches=4), progress=False)
+    assert (report["fit_rows"], report["eval_rows"]) == (150, 150)  # 300 held-out rows
+    evaluation = evaluate_model(tmp_path / "jumprelu")
+    assert evaluation["held_out_rows"] == [150, 300] and evaluation["holdout_fraction"] == 1.0
+    # a share asked for explicitly is that tail of the store's chunks, as in any store
+    half = convert(run.final, tmp_path / "half", ConvertConfig(holdout_fraction=0.5, batches=4), progress=False)
+    assert (half["fit_rows"], half["eval_rows"]) == (70, 70)  # chunks of 32 rows: the last 5 of 10, rows 160..300
 
 
 def test_bad_live_input_is_one_clear_line(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
