@@ -278,6 +278,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _features(args: argparse.Namespace) -> int:
+    from clt_core.features import FeaturesConfig, describe, write_features
+
+    config = config_from_args(FeaturesConfig, args, args.config)
+    summary = write_features(args.model_dir, args.out, config, overwrite=args.overwrite, progress=not args.quiet)
+    print(describe(summary, args.out))
+    return 0
+
+
 def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.set_defaults(handler=handler)
@@ -311,6 +320,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     from clt_core.evaluate import EvaluateConfig
     from clt_core.extract.extractor import ExtractConfig
     from clt_core.extract.live import LiveConfig
+    from clt_core.features import FeaturesConfig
     from clt_core.model.config import CLTConfig
     from clt_core.train.config import TrainConfig
 
@@ -434,6 +444,12 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", help="directory for evaluation.json and the plots (default: MODEL_DIR/evaluation)")
     p.add_argument("--config", help="YAML file with evaluation settings; flags override it")
     add_config_arguments(p, EvaluateConfig)
+    p = command("features", _features, "Per-feature examples, histograms and logits for circuit-tracer's viewer.")
+    p.add_argument("model_dir")
+    p.add_argument("--out", required=True, help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("--config", help="YAML file with feature settings; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_config_arguments(p, FeaturesConfig)
     if plugins:
         add_plugins(parser)
     return parser
