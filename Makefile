@@ -70,7 +70,7 @@ CT_VENV := .venv-circuit-tracer
 $(CT_VENV)/.stamp:
 	test -x $(CT_VENV)/bin/python || $(PYTHON) -m venv $(CT_VENV)
 	$(CT_VENV)/bin/python -m pip install -q torch==2.13.0 uv
-	$(CT_VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python 'circuit-tracer==0.5.*' torch==2.13.0
+	$(CT_VENV)/bin/uv pip install -q --python $(CT_VENV)/bin/python 'circuit-tracer==0.5.*' 'nnsight==0.7.0' torch==2.13.0
 	touch $@
 
 circuit-tracer-venv: $(CT_VENV)/.stamp

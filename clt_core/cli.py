@@ -287,6 +287,21 @@ def _features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _attribute(args: argparse.Namespace) -> int:
+    from clt_core.attribution import AttributeConfig, attribute, describe
+
+    config = config_from_args(AttributeConfig, args, args.config)
+    print(describe(attribute(args.model_dir, args.out, config, overwrite=args.overwrite)))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from clt_core.viewer import ServeConfig, serve
+
+    serve(args.dir, config_from_args(ServeConfig, args, args.config))
+    return 0
+
+
 def _command(sub: argparse._SubParsersAction, name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=help_text)
     p.set_defaults(handler=handler)
@@ -313,6 +328,7 @@ def add_plugins(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
+    from clt_core.attribution import AttributeConfig
     from clt_core.convert import ConvertConfig
     from clt_core.data.sampler import SamplerConfig
     from clt_core.data.scramble import ScrambleConfig
@@ -323,6 +339,7 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     from clt_core.features import FeaturesConfig
     from clt_core.model.config import CLTConfig
     from clt_core.train.config import TrainConfig
+    from clt_core.viewer import ServeConfig
 
     parser = _Parser(prog="clt", description="Cross-Layer Transcoder pipeline.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -450,6 +467,16 @@ def build_parser(*, plugins: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with feature settings; flags override it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     add_config_arguments(p, FeaturesConfig)
+    p = command("attribute", _attribute, "circuit-tracer's attribution graph of a prompt, for its viewer.")
+    p.add_argument("model_dir", help="a JumpReLU (or relu) model directory, or its circuit-tracer export")
+    p.add_argument("--out", help="directory for the graph files (default: MODEL_DIR/attribution)")
+    p.add_argument("--config", help="YAML file with attribution settings; flags override it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing graph with the same slug")
+    add_config_arguments(p, AttributeConfig)
+    p = command("serve", _serve, "Serve circuit-tracer's graph viewer for a graph directory, offline, with examples.")
+    p.add_argument("dir", help="graph directory (circuit-tracer's create_graph_files: graph-metadata.json, SLUG.json)")
+    p.add_argument("--config", help="YAML file with serve settings; flags override it")
+    add_config_arguments(p, ServeConfig)
     if plugins:
         add_plugins(parser)
     return parser

@@ -8,7 +8,14 @@ What circuit-tracer 0.5 reads (checked in its source, `circuit_tracer/transcoder
   `threshold_{i} [F]` (the raw threshold: features = pre·(pre > θ)); `W_dec_{i}.safetensors` holds
   `W_dec_{i} [F, L-i, d]` (target layers i..L-1), exactly our layout. It picks JumpReLU when `threshold_0` is present
   and ReLU otherwise; it has no top-k CLT. So relu models export without thresholds, and batchtopk/topk models are
-  refused: `clt convert` turns them into JumpReLU first.
+  refused ("convert to JumpReLU first": `clt convert` turns them into JumpReLU).
+- Thresholds are cast to the replacement model's dtype and applied as `pre·(pre > θ)` with no ReLU, so a θ ≤ 0 would
+  let negative pre-activations through. Ours are exp(log θ) > 0, but exp underflows to 0 in float32 below log θ ≈
+  −103 (and float16 flushes θ < 6e-8 to 0): thresholds are stored float32, clamped up to `MIN_THRESHOLD` (1e-6, the
+  floor `clt convert` uses, positive in float32, bfloat16 and float16) with a warning naming how many; a NaN threshold
+  is refused. +inf (a feature that never fires) is kept.
+- `W_skip [L, d, d]` (an affine skip connection) is read when present; our CLT has no skip connection, so the export
+  never writes one, and circuit-tracer's replacement model runs with `skip_connection=False`.
 - A per-layer model (`decoders: per_layer`) is what circuit-tracer calls a transcoder set, of another format
   (`single_layer_transcoder.py`, `load_transcoder_set` / `load_relu_transcoder`): one `layer_{i}.safetensors` per
   layer holding `W_enc [F, d]`, `W_dec [F, d]`, `b_enc [F]`, `b_dec [d]` and, for JumpReLU,
@@ -58,6 +65,8 @@ from clt_core.model.directory import SOURCE_FILE, load, read_config, read_source
 log = logging.getLogger(__name__)
 
 INPUT_HOOK, OUTPUT_HOOK, NORMED_OUTPUT_HOOK = "mlp.hook_in", "mlp.hook_out", "hook_mlp_out"
+MIN_THRESHOLD = 1e-6
+"""Smallest JumpReLU threshold written (as `clt convert`'s floor): positive in float32, bfloat16 and float16."""
 # (module path after "{layer}.", input|output) of our capture templates -> circuit-tracer's hook name.
 _INPUT_HOOKS = {
     ("mlp", "input"): INPUT_HOOK,  # Llama, Qwen, Mistral, Gemma, GPT-NeoX presets
@@ -136,7 +145,7 @@ def export_circuit_tracer(
     if kind in ("batchtopk", "topk"):
         raise ConfigError(
             f"{model_dir} is a {kind} model, which circuit-tracer cannot run (it knows JumpReLU and ReLU); "
-            f"convert it to JumpReLU first: clt convert {model_dir} --out DIR, then export DIR"
+            f"convert to JumpReLU first: clt convert {model_dir} --out DIR, then use DIR"
         )
     if out.resolve() == model_dir.resolve():
         raise ConfigError(f"--out {out} is the model directory itself; choose another directory")
@@ -152,14 +161,14 @@ def export_circuit_tracer(
     num_layers = model.num_layers
     del model
 
+    thresholds = positive_thresholds(state["log_threshold"], model_dir) if kind == "jumprelu" else None
     per_layer = config.decoders == "per_layer"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")  # mkdir, unlike mkdtemp, keeps umask
     tmp.mkdir()
     try:
         for i in range(num_layers):
-            # exp in float32, exactly the threshold our forward compares against.
-            threshold = state["log_threshold"][i].exp() if kind == "jumprelu" else None
+            threshold = None if thresholds is None else thresholds[i]
             if per_layer:
                 _save_layer(tmp / f"layer_{i}.safetensors", state, i, threshold)
                 continue
@@ -193,6 +202,30 @@ def export_circuit_tracer(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def positive_thresholds(log_threshold: torch.Tensor, model_dir: Path | str = "the model") -> torch.Tensor:
+    """`exp(log θ)` in float32 (exactly the threshold our forward compares against), at least `MIN_THRESHOLD`.
+
+    circuit-tracer computes `pre·(pre > θ)` without a ReLU, so θ ≤ 0 (an underflowed exp) would pass negative
+    pre-activations: such thresholds are raised to `MIN_THRESHOLD` with a warning. NaN is refused."""
+    threshold = log_threshold.detach().to(torch.float32).exp()
+    if torch.isnan(threshold).any():
+        bad = torch.isnan(threshold).nonzero()[0].tolist()
+        raise ConfigError(
+            f"{model_dir}: {int(torch.isnan(threshold).sum())} JumpReLU thresholds are NaN (first: layer {bad[0]}, "
+            f"feature {bad[1]}); the model is broken: convert or train it again"
+        )
+    low = threshold < MIN_THRESHOLD
+    if low.any():
+        per_layer = {int(layer): int(n) for layer, n in enumerate(low.sum(dim=1).tolist()) if n}
+        log.warning(
+            "%s: %d JumpReLU thresholds below %g (per layer: %s) raised to %g: circuit-tracer applies x*(x>θ) "
+            "without a ReLU, so θ <= 0 would pass negative pre-activations",
+            model_dir, int(low.sum()), MIN_THRESHOLD, per_layer, MIN_THRESHOLD,
+        )  # fmt: skip
+        threshold = threshold.clamp_min(MIN_THRESHOLD)
+    return threshold
 
 
 def _save_layer(file: Path, state: dict[str, torch.Tensor], layer: int, threshold: torch.Tensor | None) -> None:
