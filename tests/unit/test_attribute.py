@@ -1,5 +1,6 @@
 """`clt attribute` without circuit-tracer: arguments, refusals (one line each), the transformers-4.57 view of a
-model directory, our BOS, and the export's threshold floor. The run itself: tests/integration/test_attribute.py."""
+model directory, our BOS, and the export's threshold floor. The run itself: tests/integration/test_attribution_graph.py.
+"""
 
 from __future__ import annotations
 

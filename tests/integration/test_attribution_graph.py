@@ -4,7 +4,7 @@ The tiny Llama is made like SmolLM2 where it matters to circuit-tracer: tied LM 
 transformers 4.57 would silently replace by 10,000 from a transformers-5 config.json). Checks: the graph files parse;
 circuit-tracer's logits equal our transformers-5 logits; the replacement model with error nodes is exact; each logit
 row sums (with the non-node constant part) to the demeaned logit; top features' direct effects match interventions.
-Run with `nice -n 10 .venv/bin/pytest -q -m slow tests/integration/test_attribute.py`.
+Run with `nice -n 10 .venv/bin/pytest -q -m slow tests/integration/test_attribution_graph.py`.
 """
 
 from __future__ import annotations
