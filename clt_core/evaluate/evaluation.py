@@ -11,15 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from pydantic import Field
 
 from clt_core.config import Config
 from clt_core.devices import resolve_device
-from clt_core.errors import ConfigError
 from clt_core.evaluate.plots import plot_feature_density, plot_layer_metrics, plot_thresholds, plot_training_curves
 from clt_core.evaluate.reconstruction import evaluate_model
-from clt_core.evaluate.spliced import CLTReplacement, spliced_metrics
+from clt_core.evaluate.spliced import CLTReplacement, language_model_of, spliced_metrics
 from clt_core.model.directory import TrainedModel, load
 
 REPORT_FILE = "evaluation.json"
@@ -70,26 +68,12 @@ def reconstruction_report(trained: TrainedModel, config: EvaluateConfig) -> dict
 
 def spliced_report(trained: TrainedModel, config: EvaluateConfig, progress: bool = True) -> dict[str, Any]:
     """Spliced-in CE/KL of the model directory's CLT in its language model (on the CLT's device)."""
-    from clt_core.lm.capture import capture_points
     from clt_core.lm.corpora import TextConfig
-    from clt_core.lm.loading import resolve_model
     from clt_core.lm.windows import batched_windows, iter_windows, limit_rows
 
     model, normalizer = trained.model, trained.normalizer
-    device = str(model.W_enc.device)
     store = trained.store_info
-    spec = config.model or store.get("model", {}).get("name")
-    if spec is None:
-        raise ConfigError(f"{trained.path} does not say which language model it was trained on; pass --model")
-    lm = resolve_model(spec, dtype=torch.float32, device=device)
-    hooks = store.get("hook_templates", {})
-    points = capture_points(lm.model, hooks.get("input_template"), hooks.get("output_template"),
-                            input_kind=hooks.get("input_kind"), output_kind=hooks.get("output_kind"))  # fmt: skip
-    if (points.num_layers, lm.d_model) != (model.config.num_layers, model.config.d_model):
-        raise ConfigError(
-            f"{spec} has {points.num_layers} layers of width {lm.d_model}; the CLT {model.config.num_layers} of "
-            f"width {model.config.d_model}"
-        )
+    lm, points, spec = language_model_of(trained, config.model)
     text = {**store.get("extraction", {}).get("text", {}), "source": config.text}
     context = config.context_size or store.get("context_size") or 128
     windows = limit_rows(iter_windows(TextConfig(**text), lm.tokenizer, context), config.tokens)

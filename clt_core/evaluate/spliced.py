@@ -226,3 +226,26 @@ def _from_original(clt: CLTReplacement, keep: torch.Tensor, inputs: list[torch.T
         return clt._scatter(clt.output(target), y)
 
     return replace
+
+
+def language_model_of(trained: Any, spec: str | None = None, *, progress: bool = True) -> tuple[Any, Any, str]:
+    """The language model a model directory's CLT was trained on (or `spec`), in float32 on the CLT's device, with
+    its capture points: `(LoadedModel, CapturePoints, spec)`; one line of error when it is unknown or of another
+    shape."""
+    from clt_core.lm.capture import capture_points
+    from clt_core.lm.loading import resolve_model
+
+    model, store = trained.model, trained.store_info
+    spec = spec or store.get("model", {}).get("name")
+    if spec is None:
+        raise ConfigError(f"{trained.path} does not say which language model it was trained on; pass --model")
+    lm = resolve_model(spec, dtype=torch.float32, device=str(model.W_enc.device), progress=progress)
+    hooks = store.get("hook_templates", {})
+    points = capture_points(lm.model, hooks.get("input_template"), hooks.get("output_template"),
+                            input_kind=hooks.get("input_kind"), output_kind=hooks.get("output_kind"))  # fmt: skip
+    if (points.num_layers, lm.d_model) != (model.config.num_layers, model.config.d_model):
+        raise ConfigError(
+            f"{spec} has {points.num_layers} layers of width {lm.d_model}; the CLT {model.config.num_layers} of "
+            f"width {model.config.d_model}"
+        )
+    return lm, points, spec

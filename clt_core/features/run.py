@@ -124,26 +124,15 @@ def collect_features(
 ) -> tuple[FeatureCollector, dict[str, Any], Any]:
     """Stream `config.tokens` kept positions of the text through the language model and the CLT; the collector, a
     description of the run, and the loaded language model."""
-    from clt_core.lm.capture import NNsightCapture, capture_points
+    from clt_core.evaluate.spliced import language_model_of
+    from clt_core.lm.capture import NNsightCapture
     from clt_core.lm.corpora import source_name
-    from clt_core.lm.loading import resolve_model
     from clt_core.lm.windows import batched_windows, corpus_rows, iter_windows, limit_rows
 
     model, normalizer = trained.model, trained.normalizer
     device = str(model.W_enc.device)
     store = trained.store_info
-    spec = config.model or store.get("model", {}).get("name")
-    if spec is None:
-        raise ConfigError(f"{trained.path} does not say which language model it was trained on; pass --model")
-    lm = resolve_model(spec, dtype=torch.float32, device=device, progress=progress)
-    hooks = store.get("hook_templates", {})
-    points = capture_points(lm.model, hooks.get("input_template"), hooks.get("output_template"),
-                            input_kind=hooks.get("input_kind"), output_kind=hooks.get("output_kind"))  # fmt: skip
-    if (points.num_layers, lm.d_model) != (model.config.num_layers, model.config.d_model):
-        raise ConfigError(
-            f"{spec} has {points.num_layers} layers of width {lm.d_model}; the CLT {model.config.num_layers} of "
-            f"width {model.config.d_model}"
-        )
+    lm, points, spec = language_model_of(trained, config.model, progress=progress)
     context = config.context_size or store.get("context_size") or 128
     if lm.max_context is not None and context > lm.max_context:
         raise ConfigError(f"context size {context} is larger than {spec}'s maximum of {lm.max_context}")
